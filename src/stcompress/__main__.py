@@ -1,0 +1,3 @@
+from stcompress.cli import main
+
+raise SystemExit(main())
