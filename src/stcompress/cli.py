@@ -1,0 +1,138 @@
+"""`stcompress <stage>`: each subcommand builds its stage config and calls the stage's `run`.
+
+Options come from the config dataclasses: `--generation.batch-size 8` (dashes or underscores),
+after an optional `--config FILE.yaml`; command-line values win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from stcompress import __version__
+from stcompress.config import EvaluateConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
+from stcompress.errors import StcompressError
+
+log = logging.getLogger("stcompress")
+
+
+@dataclass(frozen=True)
+class Command:
+    config_cls: type
+    run: Callable[..., Path]
+    help: str
+    after: Callable[[Path], None] | None = None
+
+
+def _run_translate(cfg: TranslateConfig, progress: bool) -> Path:
+    from stcompress.stages import translate
+
+    return translate.run(cfg, progress=progress)
+
+
+def _run_evaluate(cfg: EvaluateConfig, progress: bool) -> Path:
+    from stcompress.stages import evaluate
+
+    return evaluate.run(cfg, progress=progress)
+
+
+def _print_scores(out: Path) -> None:
+    from stcompress.stages.evaluate import SCORES, format_table
+
+    print(format_table(json.loads((out / SCORES).read_text(encoding="utf-8"))))
+
+
+COMMANDS: dict[str, Command] = {
+    "translate": Command(TranslateConfig, _run_translate, "translate speech with a model -> hypotheses.jsonl"),
+    "evaluate": Command(
+        EvaluateConfig, _run_evaluate, "score hypotheses (or a model) against references -> scores.json", _print_scores
+    ),
+}
+
+
+def _metavar(tp: Any) -> str:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if args and get_origin(args[0]) is Literal:
+        return _metavar(args[0])
+    return "VALUE"
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    for dotted, tp, default in flat_fields(cls):
+        names = {f"--{dotted.replace('_', '-')}", f"--{dotted}"}
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            *sorted(names, key=len),
+            dest=f"cfg:{dotted}",
+            default=argparse.SUPPRESS,
+            nargs="?" if tp is bool else None,
+            const="true" if tp is bool else None,
+            metavar=_metavar(tp),
+            help=f"(default: {shown})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stcompress", description="Compress audio-language models for speech translation."
+    )
+    parser.add_argument("--version", action="version", version=f"stcompress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; command-line options override it")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+        _add_config_options(p, cmd.config_cls)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    cmd = COMMANDS[args.command]
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+        cfg = load_config(cmd.config_cls, read_yaml(args.config) if args.config else None, overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        log.info("%s config:\n%s", args.command, json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
+        out = cmd.run(cfg, progress=not args.quiet)
+        if cmd.after:
+            cmd.after(out)
+        print(f"{args.command}: wrote {out}")
+        return 0
+    except StcompressError as exc:
+        print(f"stcompress {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stcompress {args.command}: interrupted; no output was marked complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The one place that knows where Qwen2-Audio keeps its parts.
+
+transformers 4.5x:  model.audio_tower, model.multi_modal_projector,
+                    model.language_model (Qwen2ForCausalLM) -> .model.layers, .lm_head
+transformers 5.x:   model.model.audio_tower, model.model.multi_modal_projector,
+                    model.model.language_model (Qwen2Model) -> .layers;  model.lm_head
+Everything else in stcompress asks these functions for "the decoder layers", "the audio tower",
+"the LM head" and never walks the module tree itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from stcompress.errors import ModelError
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The module that owns audio_tower / multi_modal_projector / language_model."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "audio_tower"):
+        return inner  # 5.x
+    if hasattr(model, "audio_tower"):
+        return model  # 4.5x
+    raise ModelError(
+        f"model: {type(model).__name__} is not a Qwen2-Audio model (no audio tower found); "
+        "load a Qwen2AudioForConditionalGeneration checkpoint"
+    )
+
+
+def layout(model: nn.Module) -> str:
+    """'5.x' or '4.x': which transformers module layout this instance uses."""
+    return "5.x" if _core(model) is not model else "4.x"
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The Qwen2 decoder stack (embed_tokens, layers, norm, rotary_emb), without the LM head."""
+    lm = _core(model).language_model
+    return lm.model if hasattr(lm, "lm_head") else lm
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return text_model(model).layers
+
+
+def audio_tower(model: nn.Module) -> nn.Module:
+    return _core(model).audio_tower
+
+
+def projector(model: nn.Module) -> nn.Module:
+    return _core(model).multi_modal_projector
+
+
+def embed_tokens(model: nn.Module) -> nn.Embedding:
+    return text_model(model).embed_tokens
+
+
+def lm_head(model: nn.Module) -> nn.Linear:
+    lm = _core(model).language_model
+    head = getattr(lm, "lm_head", None)  # 4.5x: on the causal LM
+    return head if head is not None else model.lm_head
+
+
+def text_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.text_config
+
+
+def audio_token_id(model_or_config: Any) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.audio_token_id)
+
+
+def num_decoder_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+@torch.no_grad()
+def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Audio tower + projector for a batch of mel features; one (n_tokens, hidden) tensor per clip.
+
+    The same computation as Qwen2AudioForConditionalGeneration.forward, done once so that many
+    decoder variants can reuse it (decoder-only pruning never changes these features).
+    """
+    tower = audio_tower(model)
+    device = tower.conv1.weight.device
+    dtype = tower.conv1.weight.dtype
+    features = input_features.to(device=device, dtype=dtype)
+    mask = feature_attention_mask.to(device)
+    conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
+    max_len = (features.shape[-1] - 2) // 2 + 1
+    padded = torch.arange(max_len, device=device)[None, :] >= conv_lengths[:, None]
+    # Additive bidirectional mask over the conv outputs: padding frames are never attended to.
+    attn = torch.zeros(padded.shape[0], 1, max_len, max_len, dtype=dtype, device=device)
+    attn.masked_fill_(padded[:, None, None, :], torch.finfo(dtype).min)
+    hidden = tower(features, attention_mask=attn).last_hidden_state
+    embeds = projector(model)(hidden)
+    return [embeds[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]

@@ -1,0 +1,237 @@
+"""The one batched translation engine, shared by translate, evaluate, importance and distill.
+
+Audio goes through the audio tower + projector once per clip (`AudioCache`); the decoder then
+runs from `inputs_embeds`, so any number of decoder variants (the importance search evaluates
+~200) reuse the same audio features. Batches are length-sorted and left-padded; on CUDA
+out-of-memory the batch size halves and the batch is retried. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stcompress.config import GenerationConfig, PromptConfig
+from stcompress.data.audio import SAMPLE_RATE
+from stcompress.data.example import Example
+from stcompress.errors import StcompressError
+from stcompress.model import arch
+from stcompress.prompt import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    id: str
+    text: str
+    n_tokens: int  # generated tokens, end-of-turn included
+
+
+@dataclass
+class RunStats:
+    seconds: float = 0.0
+    n_segments: int = 0
+    n_generated_tokens: int = 0
+    final_batch_size: int = 0
+    peak_gpu_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        secs = max(self.seconds, 1e-9)
+        return {
+            "seconds": round(self.seconds, 3),
+            "segments": self.n_segments,
+            "generated_tokens": self.n_generated_tokens,
+            "segments_per_second": round(self.n_segments / secs, 3),
+            "generated_tokens_per_second": round(self.n_generated_tokens / secs, 2),
+            "final_batch_size": self.final_batch_size,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+        }
+
+
+@dataclass
+class AudioCache:
+    """Audio tower + projector output per example id: (n_audio_tokens, hidden) tensors."""
+
+    embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self.embeds
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def n_tokens(self, example_id: str) -> int:
+        return int(self.embeds[example_id].shape[0])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Translator:
+    """Batched speech translation with a Qwen2-Audio model."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        prompt: PromptConfig | None = None,
+        generation: GenerationConfig | None = None,
+        *,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.processor = processor
+        self.prompt = PromptBuilder(processor, prompt)
+        self.generation = generation or GenerationConfig()
+        self.progress = progress
+        self.batch_size = self.generation.batch_size
+        self.tokenizer = processor.tokenizer
+
+    # -- audio -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, examples: Sequence[Example], cache: AudioCache | None = None) -> AudioCache:
+        """Fill `cache` with the audio embeddings of examples not yet in it."""
+        cache = cache if cache is not None else AudioCache()
+        todo = [ex for ex in examples if ex.id not in cache]
+        if not todo:
+            return cache
+        extractor = self.processor.feature_extractor
+        bar = tqdm(total=len(todo), desc="audio", unit="seg", disable=not self.progress, leave=False)
+        for batch in _chunks(todo, max(1, self.batch_size)):
+            feats = extractor(
+                [ex.audio for ex in batch],
+                sampling_rate=SAMPLE_RATE,
+                padding="max_length",
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            outs = arch.encode_audio(self.model, feats["input_features"], feats["attention_mask"])
+            for ex, emb in zip(batch, outs):
+                cache.embeds[ex.id] = emb
+            bar.update(len(batch))
+        bar.close()
+        return cache
+
+    # -- prompt + embeddings ---------------------------------------------------------------
+
+    def build_inputs(self, examples: Sequence[Example], cache: AudioCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded inputs_embeds and attention mask for a batch (audio features spliced in)."""
+        ids = [self.prompt.input_ids(ex.target_lang, cache.n_tokens(ex.id)) for ex in examples]
+        width = max(len(row) for row in ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        embed = arch.embed_tokens(self.model)
+        device = embed.weight.device
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(ids), width), dtype=torch.long, device=device)
+        for i, row in enumerate(ids):
+            input_ids[i, width - len(row) :] = torch.tensor(row, device=device)
+            mask[i, width - len(row) :] = 1
+        embeds = embed(input_ids)
+        audio = torch.cat([cache.embeds[ex.id] for ex in examples]).to(device=device, dtype=embeds.dtype)
+        audio_positions = (input_ids == arch.audio_token_id(self.model)).unsqueeze(-1)
+        return embeds.masked_scatter(audio_positions, audio), mask
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _generate_kwargs(self) -> dict[str, Any]:
+        gen = self.generation
+        base = self.model.generation_config
+        eos = base.eos_token_id if base.eos_token_id is not None else self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        pad = base.pad_token_id if base.pad_token_id is not None else self.tokenizer.pad_token_id
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": gen.max_new_tokens,
+            "do_sample": gen.do_sample,
+            "num_beams": gen.num_beams,
+            # Passed explicitly: the Instruct model's own generation config samples (top_p 0.5,
+            # repetition_penalty 1.1); the paper decodes greedily with repetition_penalty 1.0.
+            "repetition_penalty": gen.repetition_penalty,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+        }
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _eos_ids(self, kwargs: dict[str, Any]) -> set[int]:
+        eos = kwargs["eos_token_id"]
+        return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    @torch.no_grad()
+    def _generate_batch(self, batch: Sequence[Example], cache: AudioCache, kwargs: dict[str, Any]) -> list[Hypothesis]:
+        embeds, mask = self.build_inputs(batch, cache)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        new = out[:, -min(out.shape[1], kwargs["max_new_tokens"]) :] if out.shape[1] > kwargs["max_new_tokens"] else out
+        eos = self._eos_ids(kwargs)
+        hyps = []
+        for ex, row in zip(batch, new.tolist()):
+            n = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            hyps.append(Hypothesis(id=ex.id, text=text, n_tokens=n))
+        return hyps
+
+    def translate(self, examples: Sequence[Example], cache: AudioCache | None = None, stats: RunStats | None = None) -> list[Hypothesis]:
+        """Translate `examples`; hypotheses come back in input order."""
+        if not examples:
+            return []
+        start = time.perf_counter()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        if self.generation.do_sample:
+            torch.manual_seed(self.generation.seed)
+        cache = self.encode(examples, cache)
+        order = list(range(len(examples)))
+        if self.generation.sort_by_length:
+            order.sort(key=lambda i: -cache.n_tokens(examples[i].id))  # longest first: OOM shows early
+        kwargs = self._generate_kwargs()
+        results: dict[int, Hypothesis] = {}
+        bar = tqdm(total=len(order), desc="translate", unit="seg", disable=not self.progress, leave=False)
+        pos = 0
+        while pos < len(order):
+            idx = order[pos : pos + self.batch_size]
+            try:
+                hyps = self._generate_batch([examples[i] for i in idx], cache, kwargs)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._back_off()
+                continue
+            results.update(zip(idx, hyps))
+            pos += len(idx)
+            bar.update(len(idx))
+        bar.close()
+        out = [results[i] for i in range(len(examples))]
+        if stats is not None:
+            stats.seconds += time.perf_counter() - start
+            stats.n_segments += len(out)
+            stats.n_generated_tokens += sum(h.n_tokens for h in out)
+            stats.final_batch_size = self.batch_size
+            stats.peak_gpu_bytes = torch.cuda.max_memory_allocated() if cuda else None
+        return out
+
+    def _back_off(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.batch_size == 1:
+            raise StcompressError(
+                "generation.batch_size: out of GPU memory even at batch size 1; lower generation.max_new_tokens, "
+                "use model.dtype bfloat16 or model.load_in_4bit, or a larger GPU"
+            )
+        self.batch_size = max(1, self.batch_size // 2)
+        log.warning("out of memory: batch size lowered to %d", self.batch_size)
