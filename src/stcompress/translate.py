@@ -21,6 +21,7 @@ from stcompress.config import GenerationConfig, PromptConfig
 from stcompress.data.audio import SAMPLE_RATE
 from stcompress.data.example import Example
 from stcompress.errors import StcompressError
+from stcompress.metrics.efficiency import speed_report
 from stcompress.model import arch
 from stcompress.prompt import PromptBuilder
 
@@ -43,16 +44,8 @@ class RunStats:
     peak_gpu_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        secs = max(self.seconds, 1e-9)
-        return {
-            "seconds": round(self.seconds, 3),
-            "segments": self.n_segments,
-            "generated_tokens": self.n_generated_tokens,
-            "segments_per_second": round(self.n_segments / secs, 3),
-            "generated_tokens_per_second": round(self.n_generated_tokens / secs, 2),
-            "final_batch_size": self.final_batch_size,
-            "peak_gpu_bytes": self.peak_gpu_bytes,
-        }
+        report = speed_report(self.seconds, self.n_segments, self.n_generated_tokens, self.peak_gpu_bytes)
+        return {**report, "final_batch_size": self.final_batch_size}
 
 
 @dataclass
@@ -173,11 +166,41 @@ class Translator:
         return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
     @torch.no_grad()
+    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, eos: set[int], pad: int) -> torch.Tensor:
+        """Greedy decoding with a KV cache; the LM head runs on the last position only.
+
+        transformers' generate() would project every prompt position onto the 156k vocabulary
+        (gigabytes of logits at batch 32); decoding needs only the last one.
+        """
+        decoder, head = arch.text_model(self.model), arch.lm_head(self.model)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        eos_ids = torch.tensor(sorted(eos), device=mask.device)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        steps = []
+        for _ in range(max_new):
+            token = head(out.last_hidden_state[:, -1]).argmax(-1)
+            token = token.masked_fill(done, pad)
+            steps.append(token)
+            done |= torch.isin(token, eos_ids)
+            if bool(done.all()) or len(steps) == max_new:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = decoder(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                past_key_values=out.past_key_values, use_cache=True,
+            )
+        return torch.stack(steps, dim=1)
+
+    @torch.no_grad()
     def _generate_batch(self, batch: Sequence[Example], cache: AudioCache, kwargs: dict[str, Any]) -> list[Hypothesis]:
         embeds, mask = self.build_inputs(batch, cache)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-        new = out[:, -min(out.shape[1], kwargs["max_new_tokens"]) :] if out.shape[1] > kwargs["max_new_tokens"] else out
         eos = self._eos_ids(kwargs)
+        if kwargs["do_sample"] or kwargs["num_beams"] > 1 or kwargs["repetition_penalty"] != 1.0:
+            new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        else:
+            new = self._greedy(embeds, mask, kwargs["max_new_tokens"], eos, kwargs["pad_token_id"])
         hyps = []
         for ex, row in zip(batch, new.tolist()):
             n = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))

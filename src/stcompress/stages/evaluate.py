@@ -130,7 +130,7 @@ def format_table(result: dict[str, Any]) -> str:
     speed = result.get("speed") or {}
     if speed:
         lines.append(
-            f"speed: {speed['segments_per_second']} segments/s, {speed['generated_tokens_per_second']} tokens/s "
+            f"speed: {speed['segments_per_s']} segments/s, {speed['tokens_per_s']} tokens/s "
             f"({speed['seconds']} s)"
         )
     return "\n".join(lines)

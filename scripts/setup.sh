@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or update) a virtual environment with stcompress and its pinned dependencies.
+#   scripts/setup.sh [VENV_DIR] [tf5|tf4]
+# tf5 (default): transformers 5.x, the main environment; tf4: transformers 4.57.x, for the
+# compatibility test run. CPU machines get torch's local CPU build (torch==2.13.0).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$root/.venv}"
+family="${2:-tf5}"
+python="${PYTHON:-python3}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q)
+"${pip[@]}" "torch==2.13.0"
+if [ "$family" = tf4 ]; then
+  "${pip[@]}" -c "$root/constraints/tf4.txt" -e "$root[dev]"
+else
+  "${pip[@]}" -c "$root/constraints/tf5.txt" -e "$root[dev,quant]"
+fi
+echo "ready: $venv ($family)"

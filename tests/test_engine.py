@@ -1,0 +1,160 @@
+"""The prompt builder and the batched translation engine on a tiny random Qwen2-Audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from stcompress.config import GenerationConfig, PromptConfig
+from stcompress.data.example import Example
+from stcompress.errors import StcompressError
+from stcompress.model import arch
+from stcompress.prompt import PromptBuilder, num_audio_tokens
+from stcompress.translate import AudioCache, RunStats, Translator
+
+PAPER_PROMPT_DE = (
+    "<|im_start|>system\nYou are a professional translator.<|im_end|>\n"
+    "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "Translate the English speech into German:<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(str(tiny_model_dir))
+    model.eval()
+    return model, processor
+
+
+def _examples(speech_like, seconds=(2.0, 5.5, 1.0, 3.3, 7.9), lang="de"):
+    return [
+        Example(id=f"ex{i}", audio=speech_like(s, seed=i), target_lang=lang, references=("ref",))
+        for i, s in enumerate(seconds)
+    ]
+
+
+def _gen(**kw):
+    return GenerationConfig(**{"max_new_tokens": 12, "batch_size": 4, **kw})
+
+
+def test_prompt_renders_paper_string(loaded):
+    _, processor = loaded
+    builder = PromptBuilder(processor, PromptConfig())
+    assert builder.render("de") == PAPER_PROMPT_DE
+    assert builder.render("zh") == PAPER_PROMPT_DE.replace("German", "Chinese")
+
+
+def test_prompt_ids_match_processor_expansion(loaded, speech_like):
+    _, processor = loaded
+    builder = PromptBuilder(processor)
+    audio = speech_like(8.0, seed=1)
+    inputs = processor(text=PAPER_PROMPT_DE, audio=[audio], sampling_rate=16000, return_tensors="pt")
+    n = num_audio_tokens(int(inputs["feature_attention_mask"].sum()))
+    assert n == 200  # 8 s -> 200 audio tokens (PAPER.md)
+    assert builder.input_ids("de", n) == inputs["input_ids"][0].tolist()
+
+
+def test_engine_equals_transformers_own_generate(loaded, speech_like):
+    """Cached audio features + inputs_embeds decode exactly like model.generate on processor inputs."""
+    model, processor = loaded
+    ex = _examples(speech_like, seconds=(4.2,))[0]
+    # The Instruct model samples by default; the engine must still decode greedily.
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        hyp = Translator(model, processor, generation=_gen(), progress=False).translate([ex])[0]
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    inputs = processor(text=PAPER_PROMPT_DE, audio=[ex.audio], sampling_rate=16000, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = {151645, 151643}
+    n = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+    assert hyp.n_tokens == n
+    assert hyp.text == processor.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+
+
+def test_batched_equals_unbatched(loaded, speech_like):
+    model, processor = loaded
+    examples = _examples(speech_like)
+    one = Translator(model, processor, generation=_gen(batch_size=1), progress=False).translate(examples)
+    many = Translator(model, processor, generation=_gen(batch_size=3), progress=False).translate(examples)
+    assert [h.id for h in many] == [ex.id for ex in examples]  # input order, not length order
+    assert [(h.text, h.n_tokens) for h in many] == [(h.text, h.n_tokens) for h in one]
+    assert len({h.text for h in one}) > 1  # the tiny model's output depends on the audio
+
+
+def test_audio_cache_is_reused(loaded, speech_like, monkeypatch):
+    model, processor = loaded
+    examples = _examples(speech_like, seconds=(1.5, 2.5))
+    translator = Translator(model, processor, generation=_gen(), progress=False)
+    cache = translator.encode(examples)
+    calls = []
+    monkeypatch.setattr(arch, "encode_audio", lambda *a, **k: calls.append(1) or [])
+    first = translator.translate(examples, cache=cache)
+    second = translator.translate(examples, cache=cache)
+    assert calls == [] and first == second and len(cache) == 2
+
+
+def test_cached_features_equal_model_forward(loaded, speech_like):
+    """arch.encode_audio reproduces the audio features the model's forward would splice in."""
+    model, processor = loaded
+    audio = [speech_like(3.0, seed=5), speech_like(6.0, seed=6)]
+    feats = processor.feature_extractor(
+        audio, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
+    )
+    batched = arch.encode_audio(model, feats["input_features"], feats["attention_mask"])
+    single = arch.encode_audio(model, feats["input_features"][1:], feats["attention_mask"][1:])
+    assert [t.shape[0] for t in batched] == [num_audio_tokens(int(m.sum())) for m in feats["attention_mask"]]
+    torch.testing.assert_close(batched[1], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_halves_batch(loaded, speech_like, monkeypatch):
+    model, processor = loaded
+    examples = _examples(speech_like)
+    expected = Translator(model, processor, generation=_gen(batch_size=1), progress=False).translate(examples)
+    translator = Translator(model, processor, generation=_gen(batch_size=4), progress=False)
+    real = translator._generate_batch
+
+    def flaky(batch, cache, kwargs):
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, cache, kwargs)
+
+    monkeypatch.setattr(translator, "_generate_batch", flaky)
+    stats = RunStats()
+    assert translator.translate(examples, stats=stats) == expected
+    assert translator.batch_size == 1 and stats.final_batch_size == 1 and stats.n_segments == 5
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error(loaded, speech_like, monkeypatch):
+    model, processor = loaded
+    translator = Translator(model, processor, generation=_gen(batch_size=1), progress=False)
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(translator, "_generate_batch", oom)
+    with pytest.raises(StcompressError, match="generation.batch_size: out of GPU memory even at batch size 1"):
+        translator.translate(_examples(speech_like, seconds=(1.0,)))
+
+
+def test_other_runtime_errors_are_not_swallowed(loaded, speech_like, monkeypatch):
+    model, processor = loaded
+    translator = Translator(model, processor, generation=_gen(), progress=False)
+    monkeypatch.setattr(translator, "_generate_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        translator.translate(_examples(speech_like, seconds=(1.0,)))
+
+
+def test_run_stats_count_generated_tokens(loaded, speech_like):
+    model, processor = loaded
+    examples = _examples(speech_like, seconds=(1.0, 2.0))
+    stats = RunStats()
+    hyps = Translator(model, processor, generation=_gen(), progress=False).translate(examples, stats=stats)
+    report = stats.to_dict()
+    assert report["segments"] == 2 and report["generated_tokens"] == sum(h.n_tokens for h in hyps)
+    assert all(1 <= h.n_tokens <= 12 for h in hyps)
+    assert np.isfinite(report["segments_per_s"])
