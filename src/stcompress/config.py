@@ -39,7 +39,7 @@ class DataConfig:
     hf_config: str | None = None
     split: str = "dev+eval"  # HF split expression (the paper: ACL 60/60 dev+eval, 884 segments)
     audio_column: str = "audio"
-    id_column: str | None = None  # None: ids are the row numbers
+    id_column: str | None = None  # None: the "id" column when there is one, else row numbers
     source_column: str | None = "text_en"  # gold transcript; optional
     reference_column: str | None = None  # None: "text_<target_lang>"
     target_lang: str = "de"

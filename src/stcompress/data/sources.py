@@ -8,7 +8,6 @@ Audio is decoded only for the rows that survive the split and the limit.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -47,8 +46,6 @@ def load_examples(cfg: DataConfig, *, on_error: str = "fail", require_references
     if kind == "hf":
         dataset = load_hf_dataset(cfg.dataset, cfg.hf_config, cfg.split)
         return examples_from_hf(dataset, cfg, on_error=on_error, require_references=require_references, name=cfg.dataset)
-    if kind == "builtin" and cfg.id_column is None:
-        cfg = dataclasses.replace(cfg, id_column="id")  # the demo has stable ids: builtin-001, ...
     path = builtin_manifest_path() if kind == "builtin" else Path(cfg.dataset).expanduser()
     table = read_manifest(path, "tsv" if kind == "tsv" else "jsonl", name="builtin" if kind == "builtin" else None)
     return build_examples(table, cfg, on_error=on_error, require_references=require_references)
@@ -153,7 +150,7 @@ def _resolve_columns(table: Table, cfg: DataConfig, require_references: bool) ->
     if reference not in table.columns:
         logger.info("%s: no reference column %r; examples carry no references", table.name, reference)
         reference = None
-    return _Columns(audio=cfg.audio_column, id=cfg.id_column or None, source=source, reference=reference)
+    return _Columns(audio=cfg.audio_column, id=cfg.id_column or ("id" if "id" in table.columns else None), source=source, reference=reference)
 
 
 def _ids(table: Table, column: str | None) -> list[str]:
