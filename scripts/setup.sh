@@ -12,9 +12,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q)
 "${pip[@]}" "torch==2.13.0"
-if [ "$family" = tf4 ]; then
-  "${pip[@]}" -c "$root/constraints/tf4.txt" -e "$root[dev]"
-else
-  "${pip[@]}" -c "$root/constraints/tf5.txt" -e "$root[dev,quant]"
-fi
+"${pip[@]}" -c "$root/constraints/$family.txt" -e "$root[dev,quant]"
 echo "ready: $venv ($family)"
