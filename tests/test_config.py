@@ -68,3 +68,22 @@ def test_yaml_errors(tmp_path):
 def test_flat_fields_cover_nested_sections():
     names = {name for name, _, _ in flat_fields(TranslateConfig)}
     assert {"output", "model.path", "data.target_lang", "generation.max_new_tokens", "prompt.system"} <= names
+
+
+def test_list_of_sections():
+    from dataclasses import dataclass, field
+
+    from stcompress.config import DataConfig
+
+    @dataclass(frozen=True)
+    class Mix:
+        datasets: tuple[DataConfig, ...] = ()
+        name: str = "x"
+
+    cfg = load_config(Mix, {"datasets": [{"dataset": "a.jsonl"}, {"dataset": "b.jsonl", "target_lang": "zh"}]})
+    assert [d.dataset for d in cfg.datasets] == ["a.jsonl", "b.jsonl"] and cfg.datasets[1].target_lang == "zh"
+    with pytest.raises(ConfigError, match=r"datasets\[1\].subset: expected one of"):
+        load_config(Mix, {"datasets": [{"dataset": "a"}, {"subset": "bad"}]})
+    with pytest.raises(ConfigError, match="datasets: expected a list of DataConfig mappings"):
+        load_config(Mix, {"datasets": {"dataset": "a"}})
+    assert "datasets" not in {n for n, _, _ in flat_fields(Mix)}

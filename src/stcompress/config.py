@@ -195,6 +195,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
                 continue
             kwargs[name] = _build(tp, value, f"{where}.", problems)
             continue
+        inner = get_args(tp)[0] if get_origin(tp) in (tuple, list) and get_args(tp) else None
+        if _is_dataclass_type(inner):  # a list of sections, e.g. several datasets to mix
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"{where}: expected a list of {inner.__name__} mappings")
+                continue
+            kwargs[name] = tuple(_build(inner, v, f"{where}[{i}].", problems) for i, v in enumerate(value))
+            continue
         try:
             kwargs[name] = _coerce(tp, value)
         except ValueError as exc:
@@ -298,6 +305,8 @@ def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
         tp = hints[f.name]
         if _is_dataclass_type(tp):
             out.extend(flat_fields(tp, f"{prefix}{f.name}."))
+        elif get_origin(tp) in (tuple, list) and get_args(tp) and _is_dataclass_type(get_args(tp)[0]):
+            continue  # lists of sections are set in the YAML file only
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out.append((f"{prefix}{f.name}", tp, default))

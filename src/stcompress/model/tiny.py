@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stcompress.errors import ModelError
+from stcompress.model.save import save_model
 from stcompress.model.tokenizer import (
     AUDIO_TOKEN_ID,
     CHAT_EOS_TOKEN_ID,
@@ -165,29 +166,9 @@ def build_tiny_model(out_dir: str | Path, **spec: Any) -> Path:
         chat_template=QWEN2_AUDIO_CHAT_TEMPLATE,
     )
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        make_processor_files_portable(tmp, processor)
+        save_model(model, processor, tmp)
         (tmp / "stcompress_tiny.json").write_text(json.dumps(_spec_record(tiny), indent=2))
     return out
-
-
-def make_processor_files_portable(directory: Path, processor: Any) -> None:
-    """Let a directory saved by transformers 5.x load in 4.5x too (4.5x output already loads in 5.x).
-
-    5.x folds the feature extractor into processor_config.json, which 4.5x's AutoProcessor does
-    not read, and stores the extra special tokens as a list under `extra_special_tokens`, a key
-    4.5x expects to be a dict. Writing preprocessor_config.json and the list under its 4.5x name
-    (`additional_special_tokens`, which 5.x still accepts) fixes both.
-    """
-    if not (directory / "preprocessor_config.json").is_file():
-        processor.feature_extractor.to_json_file(str(directory / "preprocessor_config.json"))
-    path = directory / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    extra = config.get("extra_special_tokens")
-    if isinstance(extra, list):
-        config["additional_special_tokens"] = config.pop("extra_special_tokens")
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _spec_record(tiny: TinySpec) -> dict[str, Any]:

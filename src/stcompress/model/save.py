@@ -1,0 +1,80 @@
+"""Saving models so that plain `from_pretrained` loads them, and proving it.
+
+Every model stcompress writes goes through `save_model` and then `reload_check`: reload from disk
+(transformers only, no stcompress code on the load path) and greedy-translate a few segments;
+the output must equal the in-memory model's, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stcompress.config import GenerationConfig, ModelConfig
+from stcompress.data.example import Example
+from stcompress.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def make_processor_files_portable(directory: Path, processor: Any) -> None:
+    """Let a directory saved by transformers 5.x load in 4.5x too (4.5x output already loads in 5.x).
+
+    5.x folds the feature extractor into processor_config.json, which 4.5x's AutoProcessor does
+    not read, and stores the extra special tokens as a list under `extra_special_tokens`, a key
+    4.5x expects to be a dict. Writing preprocessor_config.json and the list under its 4.5x name
+    (`additional_special_tokens`, which 5.x still accepts) fixes both.
+    """
+    directory = Path(directory)
+    if not (directory / "preprocessor_config.json").is_file():
+        processor.feature_extractor.to_json_file(str(directory / "preprocessor_config.json"))
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_model(model: Any, processor: Any, directory: str | Path) -> Path:
+    """safetensors weights + config + generation config + processor (tokenizer, chat template)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    processor.save_pretrained(str(directory))
+    make_processor_files_portable(directory, processor)
+    return directory
+
+
+def _dtype_name(model: Any) -> str:
+    dtype = next(model.parameters()).dtype
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
+def reload_check(
+    model: Any, processor: Any, directory: str | Path, examples: Sequence[Example], *, max_new_tokens: int = 16
+) -> dict[str, Any]:
+    """Reload `directory` and require the same greedy output as the in-memory model."""
+    from stcompress.model.load import load_model
+    from stcompress.translate import Translator
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=max(1, len(examples)))
+    device = str(next(model.parameters()).device)
+    before = Translator(model, processor, generation=gen, progress=False).translate(examples)
+    reloaded = load_model(ModelConfig(path=str(directory), dtype=_dtype_name(model), device=device))
+    after = Translator(reloaded.model, reloaded.processor, generation=gen, progress=False).translate(examples)
+    diff = [b.id for b, a in zip(before, after) if (b.text, b.n_tokens) != (a.text, a.n_tokens)]
+    del reloaded
+    if diff:
+        raise ModelError(
+            f"reload check: the model saved in {directory} decodes differently from the model in memory "
+            f"on {len(diff)} of {len(examples)} segments ({', '.join(diff[:3])}); the save is not trustworthy, "
+            "report this with the manifest"
+        )
+    log.info("reload check passed: %d segments decode identically from %s", len(examples), directory)
+    return {"segments": len(examples), "max_new_tokens": max_new_tokens, "identical": True}
