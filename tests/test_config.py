@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
-from stcompress.config import EvaluateConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
+from stcompress.config import DataConfig, EvaluateConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
 from stcompress.errors import ConfigError
 
 
@@ -70,16 +72,13 @@ def test_flat_fields_cover_nested_sections():
     assert {"output", "model.path", "data.target_lang", "generation.max_new_tokens", "prompt.system"} <= names
 
 
+@dataclass(frozen=True)
+class Mix:
+    datasets: tuple[DataConfig, ...] = ()
+    name: str = "x"
+
+
 def test_list_of_sections():
-    from dataclasses import dataclass, field
-
-    from stcompress.config import DataConfig
-
-    @dataclass(frozen=True)
-    class Mix:
-        datasets: tuple[DataConfig, ...] = ()
-        name: str = "x"
-
     cfg = load_config(Mix, {"datasets": [{"dataset": "a.jsonl"}, {"dataset": "b.jsonl", "target_lang": "zh"}]})
     assert [d.dataset for d in cfg.datasets] == ["a.jsonl", "b.jsonl"] and cfg.datasets[1].target_lang == "zh"
     with pytest.raises(ConfigError, match=r"datasets\[1\].subset: expected one of"):
