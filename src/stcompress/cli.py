@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from stcompress import __version__
-from stcompress.config import EvaluateConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
+from stcompress.config import EvaluateConfig, ImportanceConfig, PruneConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
 from stcompress.errors import StcompressError
 
 log = logging.getLogger("stcompress")
@@ -42,6 +42,23 @@ def _run_evaluate(cfg: EvaluateConfig, progress: bool) -> Path:
     return evaluate.run(cfg, progress=progress)
 
 
+def _run_importance(cfg: ImportanceConfig, progress: bool) -> Path:
+    from stcompress.stages import importance
+
+    return importance.run(cfg, progress=progress)
+
+
+def _run_prune(cfg: PruneConfig, progress: bool) -> Path:
+    from stcompress.stages import prune
+
+    return prune.run(cfg, progress=progress)
+
+
+def _print_removal_order(out: Path) -> None:
+    result = json.loads((out / "removal_order.json").read_text(encoding="utf-8"))
+    print(f"removal order ({result['metric']}): {result['removal_order']}; stopped: {result['stop_reason']}")
+
+
 def _print_scores(out: Path) -> None:
     from stcompress.stages.evaluate import SCORES, format_table
 
@@ -53,6 +70,10 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         EvaluateConfig, _run_evaluate, "score hypotheses (or a model) against references -> scores.json", _print_scores
     ),
+    "importance": Command(
+        ImportanceConfig, _run_importance, "greedy layer-importance search (resumable, multi-GPU)", _print_removal_order
+    ),
+    "prune": Command(PruneConfig, _run_prune, "remove layers and save a model that loads with from_pretrained"),
 }
 
 
@@ -67,10 +88,10 @@ def _metavar(tp: Any) -> str:
 
 def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for dotted, tp, default in flat_fields(cls):
-        names = {f"--{dotted.replace('_', '-')}", f"--{dotted}"}
+        names = list(dict.fromkeys([f"--{dotted.replace('_', '-')}", f"--{dotted}"]))  # dashes shown first
         shown = ",".join(default) if isinstance(default, tuple) else default
         parser.add_argument(
-            *sorted(names, key=len),
+            *names,
             dest=f"cfg:{dotted}",
             default=argparse.SUPPRESS,
             nargs="?" if tp is bool else None,

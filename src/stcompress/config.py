@@ -23,7 +23,8 @@ class ModelConfig:
     # A hub id (Qwen/Qwen2-Audio-7B-Instruct), a local directory (ours included), or
     # "builtin:tiny-random", a tiny random-weight model built offline for demos and tests.
     path: str = "builtin:tiny-random"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; checkpoint: the dtype the weights were saved in
+    dtype: Literal["auto", "checkpoint", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     device_map: str | None = None  # e.g. "auto" to shard one model over several GPUs
     load_in_4bit: bool = False  # bitsandbytes NF4 (double quantization, bf16 compute)
@@ -311,3 +312,46 @@ def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out.append((f"{prefix}{f.name}", tp, default))
     return out
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """The paper's iterative greedy layer-importance search (PAPER.md, step 2)."""
+
+    output: str = "outputs/importance"
+    component: Literal["decoder", "encoder"] = "decoder"  # encoder: the paper's audio-encoder ablation
+    metric: str | None = None  # selection metric; None: chrf++ for German, chrf for Chinese (the paper)
+    log_metrics: tuple[str, ...] = ("bleu", "chrf", "chrf++")
+    protect: tuple[int, ...] | None = None  # never removed; None: the first and the last layer
+    rounds: int | None = 8  # layers to remove (one per round); None: until another stop applies
+    target_layers: int | None = None  # stop when this many layers remain
+    min_fraction: float | None = None  # stop when the best candidate scores below this x the unpruned score
+    # Approximations (off by default, labelled as such in every output they touch):
+    halving: bool = False  # successive halving over dev segments within a round
+    halving_eta: int = 3
+    halving_min_segments: int = 10
+    prefilter: str | None = None  # proxy that pre-selects candidates: block_influence | tf_loss
+    prefilter_keep: int = 8  # candidates per round kept for generation by the prefilter
+    proxies: tuple[str, ...] = ()  # proxies logged for every candidate, with their rank correlation
+    wait_timeout: float = 86400.0  # seconds a process waits for the other GPUs' candidates
+    comet: CometConfig = field(default_factory=CometConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Physically remove layers and save a model that loads with plain from_pretrained."""
+
+    output: str = "outputs/prune"
+    layers: tuple[int, ...] = ()  # decoder layers to remove (0-based, original numbering)
+    importance: str | None = None  # an importance output: remove the first `num_layers` of its order
+    num_layers: int | None = None  # None: the whole removal order
+    encoder_layers: tuple[int, ...] = ()  # audio-encoder layers to remove
+    check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
+    check_max_new_tokens: int = 16
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="checkpoint"))
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)

@@ -80,3 +80,8 @@ class PromptBuilder:
 
     def input_ids(self, target_lang: str, n_audio_tokens: int) -> list[int]:
         return self.rendered(target_lang).input_ids(n_audio_tokens)
+
+    def target_ids(self, text: str) -> list[int]:
+        """Token ids of an assistant answer as the chat template closes it: text + <|im_end|>."""
+        tok = self.processor.tokenizer
+        return [*tok(text, add_special_tokens=False)["input_ids"], tok.convert_tokens_to_ids("<|im_end|>")]

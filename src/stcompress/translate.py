@@ -121,9 +121,17 @@ class Translator:
 
     # -- prompt + embeddings ---------------------------------------------------------------
 
-    def build_inputs(self, examples: Sequence[Example], cache: AudioCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded inputs_embeds and attention mask for a batch (audio features spliced in)."""
+    def build_inputs(
+        self, examples: Sequence[Example], cache: AudioCache, targets: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded inputs_embeds and attention mask for a batch (audio features spliced in).
+
+        With `targets`, each row continues with its target ids (teacher forcing): they are the
+        last len(target) positions of the row.
+        """
         ids = [self.prompt.input_ids(ex.target_lang, cache.n_tokens(ex.id)) for ex in examples]
+        if targets is not None:
+            ids = [row + list(t) for row, t in zip(ids, targets)]
         width = max(len(row) for row in ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         embed = arch.embed_tokens(self.model)

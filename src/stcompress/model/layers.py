@@ -106,3 +106,18 @@ def remove_encoder_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     for config in {id(c): c for c in (model.config.audio_config, tower.config)}.values():
         config.encoder_layers = len(keep)
     return keep
+
+
+@contextlib.contextmanager
+def encoder_view(model: nn.Module, keep: Sequence[int]) -> Iterator[None]:
+    """Run the audio encoder through `keep` only (the paper's encoder ablation); restored on exit."""
+    tower = arch.audio_tower(model)
+    original = tower.layers
+    keep = check_layers(list(keep), len(original), item="keep_encoder")
+    if not keep:
+        raise StcompressError("keep_encoder: the audio encoder needs at least one layer")
+    tower.layers = nn.ModuleList([original[i] for i in keep])
+    try:
+        yield
+    finally:
+        tower.layers = original

@@ -83,7 +83,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """A torch dtype, or "auto" (transformers' word for: the dtype the checkpoint was saved in)."""
+    if name == "checkpoint":
+        return "auto"
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
@@ -118,7 +121,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if device.type == "cuda" else dtype)
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
     elif cfg.load_in_4bit:
@@ -133,4 +137,4 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
-    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype)
+    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)
