@@ -282,6 +282,9 @@ def validate(cfg: Any) -> list[str]:
     prompt = getattr(cfg, "prompt", None)
     if prompt is not None and "{language}" not in prompt.instruction:
         problems.append("prompt.instruction: must contain {language}, e.g. 'Translate the English speech into {language}:'")
+    own = getattr(cfg, "problems", None)
+    if callable(own):  # a stage config's own cross-field checks
+        problems.extend(own())
     return problems
 
 
@@ -355,3 +358,206 @@ class PruneConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="checkpoint"))
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Sequence-level KD data (PAPER.md step 3): references plus the teacher's translations."""
+
+    output: str = "outputs/distill"
+    on_error: Literal["fail", "skip"] = "fail"
+    teacher_only: bool = False  # leave the references out of examples.jsonl
+    upsample: int = 1  # rows per kept teacher output (the paper's Model B trains on 10x KD data)
+    # Quality filter (distil-whisper filters pseudo-labels by WER): drop teacher outputs whose
+    # sentence score against the reference is below min_score; None: no filter.
+    filter_metric: str = "chrf"
+    min_score: float | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)  # the teacher
+    data: DataConfig = field(default_factory=lambda: DataConfig(subset="train"))
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def problems(self) -> list[str]:
+        from stcompress.metrics.text import METRICS
+
+        out = []
+        if self.upsample < 1:
+            out.append("upsample: must be at least 1 (1 = each teacher output once)")
+        if self.filter_metric not in METRICS:
+            out.append(f"filter_metric: unknown sentence metric {self.filter_metric!r}; use one of {', '.join(METRICS)}")
+        if self.min_score is not None and not 0 <= self.min_score <= 100:
+            out.append(f"min_score: {self.min_score} is outside 0..100 (sacrebleu scale); e.g. 30, or null for no filter")
+        return out
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Merge LoRA in full precision, save, optionally quantize to NF4, prove the result reloads."""
+
+    output: str = "outputs/export"
+    input: str = ""  # a finetune output (manifest.json + model/ or adapter/), or any model dir / hub id
+    base_model: str | None = None  # LoRA / QLoRA: overrides the finetune manifest's base_model
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merge and save in this (never in 4-bit)
+    device: str = "auto"
+    quantize: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit serialisation after the merge
+    # nf4: components left in `dtype`. embed_tokens always is (transformers' bitsandbytes path has no
+    # 4-bit embedding); lm_head is kept by default, as transformers does.
+    keep_unquantized: tuple[str, ...] = ("lm_head",)
+    double_quant: bool = True
+    scores: str | None = None  # an evaluate output (or its scores.json), shown in the model card
+    check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
+    check_max_new_tokens: int = 16
+    check_min_agreement: float = 1.0  # nf4 reload check: greedy token agreement required (1.0 = exact)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def problems(self) -> list[str]:
+        from stcompress.model.arch import QUANTIZABLE_COMPONENTS
+
+        out = []
+        if not self.input:
+            out.append("input: required; give a finetune output directory or a model directory (--input DIR)")
+        bad = [c for c in self.keep_unquantized if c not in QUANTIZABLE_COMPONENTS]
+        if bad:
+            hint = " (embed_tokens is never quantized)" if "embed_tokens" in bad else ""
+            out.append(f"keep_unquantized: unknown component {bad[0]!r}{hint}; use any of {', '.join(QUANTIZABLE_COMPONENTS)}")
+        if self.check_segments < 1:
+            out.append("check_segments: must be at least 1 (every export is reload-checked)")
+        if not 0 < self.check_min_agreement <= 1:
+            out.append("check_min_agreement: must be in (0, 1]; 1.0 requires identical greedy output")
+        return out
+
+
+@dataclass(frozen=True)
+class DatasetMix:
+    """One training source of a mix (the paper's Model B: ACL 60/60 + 10x KD data + 100k CoVoST 2)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    # A `stcompress distill` output: its examples.jsonl targets, audio from the data section recorded
+    # in its manifest (this entry's `data` is then ignored).
+    distilled: str | None = None
+    repeat: float = 1.0  # 10: every item ten times; 0.5: a seeded random half
+    name: str | None = None  # label in the manifest; default: the dataset name or distill directory
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA / QLoRA adapters; defaults are the paper's (r 64, alpha 128, rsLoRA, dropout 0, all linear)."""
+
+    r: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    rslora: bool = True  # scale alpha / sqrt(r) (rank-stabilised LoRA)
+    # "all-linear" or module names (q_proj, fc1, ...); the LM head is never adapted.
+    targets: tuple[str, ...] = ("all-linear",)
+    audio_tower: bool = True  # adapt the audio encoder's linears too (the paper's 2.41% trainable)
+    # qlora: peft's prepare_model_for_kbit_training (upcasts non-quantized weights to fp32, in memory only)
+    prepare_kbit: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation; defaults are the paper's teacher (3 epochs, batch 4, lr 1e-5, cosine, no warmup)."""
+
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; stops earlier than `epochs` when reached
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.001  # on matrices only (biases and norms are not decayed)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    max_length: int = 1024  # prompt (audio tokens included) + target + end-of-turn token
+    on_too_long: Literal["fail", "skip"] = "fail"
+    # Clips longer than the feature extractor's 30 s: "skip" them (their target describes audio the
+    # model cannot hear), or "truncate" (train on the first 30 s, as inference would).
+    long_audio: Literal["skip", "truncate"] = "skip"
+    freeze_audio_tower: bool = False  # full: no updates to the audio encoder; lora: no adapters there
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPU, none on CPU
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers computing audio features
+    log_every: int = 10  # optimizer steps per history.jsonl row
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at each epoch end only
+    checkpoint_dir: str | None = None  # None: <output>.checkpoints beside the output
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the last checkpoint when there is one
+    keep_checkpoints: bool = False  # keep the checkpoint directory after a successful run
+    save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # full: model/ dtype; auto: bf16 on GPU
+    check_segments: int = 2  # full: segments decoded before and after saving (reload check)
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    """The dev split evaluated during training; it picks the best checkpoint and stops early."""
+
+    # auto: data's dev part when data.subset is train and data.dev_size > 0 (disjoint from train and
+    # test); none: no dev evaluation; otherwise a dataset read with data's columns and language.
+    dataset: str = "auto"
+    limit: int | None = None
+    every: int = 0  # optimizer steps between evaluations; 0: at each epoch end
+    metric: Literal["loss", "chrf"] = "loss"  # chrf: needs chrf_segments > 0
+    patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
+    chrf_segments: int = 0  # also translate this many dev segments (chrF++; chrF for zh/ja/ko)
+    batch_size: int = 8
+    max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Word-level KD (beyond the paper): loss = (1 - ratio) * CE + ratio * T^2 * KL(teacher || student)."""
+
+    teacher: str | None = None  # a model directory (or stcompress output) sharing the student's tokenizer
+    ratio: float = 0.0  # 0: off
+    temperature: float = 1.0
+    teacher_4bit: bool = False  # load the teacher in NF4 to save memory
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Full fine-tuning, LoRA or QLoRA of a Qwen2-Audio model on speech-translation pairs."""
+
+    output: str = "outputs/finetune"
+    mode: Literal["full", "lora", "qlora"] = "full"
+    on_error: Literal["fail", "skip"] = "fail"
+    model: ModelConfig = field(default_factory=ModelConfig)  # dtype auto: fp32 weights for full, bf16 (GPU) for lora
+    data: DataConfig = field(default_factory=DataConfig)  # the training data when `datasets` is empty
+    datasets: tuple[DatasetMix, ...] = ()  # a mix (YAML only); replaces `data` as training data
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dev: DevConfig = field(default_factory=DevConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+
+    def problems(self) -> list[str]:
+        from stcompress.languages import known_languages
+
+        out = []
+        t, kd, dev = self.train, self.kd, self.dev
+        for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size), ("grad_accum", t.grad_accum),
+                            ("max_length", t.max_length), ("log_every", t.log_every)):
+            if value < 1:
+                out.append(f"train.{name}: must be at least 1 (got {value})")
+        if t.max_steps is not None and t.max_steps < 1:
+            out.append("train.max_steps: must be at least 1 (or null to train for train.epochs)")
+        if t.lr <= 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.save_every < 0:
+            out.append("train.lr / weight_decay / warmup_steps / save_every: lr must be positive, the others not negative")
+        if self.mode != "full" and (self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1):
+            out.append("lora: r must be at least 1, alpha positive and dropout in [0, 1)")
+        if not 0 <= kd.ratio <= 1:
+            out.append(f"kd.ratio: {kd.ratio} is outside [0, 1]; loss = (1 - ratio) * CE + ratio * KD")
+        if kd.temperature <= 0:
+            out.append("kd.temperature: must be positive (1.0 = plain softmax)")
+        if kd.ratio > 0 and not kd.teacher:
+            out.append(f"kd.teacher: word-level KD (kd.ratio {kd.ratio}) needs a teacher; set kd.teacher to a model "
+                       "directory, or kd.ratio: 0")
+        if dev.metric == "chrf" and dev.chrf_segments < 1:
+            out.append("dev.metric: chrf needs dev.chrf_segments > 0 (segments translated at each evaluation)")
+        if dev.every < 0 or dev.patience < 0 or dev.batch_size < 1:
+            out.append("dev.every / dev.patience: must not be negative; dev.batch_size: at least 1")
+        for i, mix in enumerate(self.datasets):
+            if mix.repeat < 0:
+                out.append(f"datasets[{i}].repeat: {mix.repeat} is negative; use 0 (leave out) or more")
+            if mix.distilled is None and mix.data.target_lang not in known_languages():
+                out.append(f"datasets[{i}].data.target_lang: unknown language code {mix.data.target_lang!r}")
+        return out

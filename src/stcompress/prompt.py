@@ -16,6 +16,7 @@ from stcompress.errors import ModelError
 from stcompress.languages import language_name
 
 AUDIO_PLACEHOLDER = "<|AUDIO|>"
+IGNORE_INDEX = -100  # label of positions the loss skips (torch's cross_entropy default)
 
 
 def num_audio_tokens(n_mel_frames: int) -> int:
@@ -85,3 +86,15 @@ class PromptBuilder:
         """Token ids of an assistant answer as the chat template closes it: text + <|im_end|>."""
         tok = self.processor.tokenizer
         return [*tok(text, add_special_tokens=False)["input_ids"], tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def training_ids(self, target_lang: str, n_audio_tokens: int, target: str) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one training pair: the inference prompt, then target + <|im_end|>.
+
+        The chat template closes an assistant turn with "<|im_end|>\n"; the ids stop at <|im_end|>
+        because generation stops there and never produces the newline. Labels are IGNORE_INDEX on
+        the whole prompt (audio tokens included), so the loss covers exactly what inference
+        generates: the target text (stripped) and the end-of-turn token.
+        """
+        prompt = self.input_ids(target_lang, n_audio_tokens)
+        answer = self.target_ids(target.strip())
+        return [*prompt, *answer], [IGNORE_INDEX] * len(prompt) + answer

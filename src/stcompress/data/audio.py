@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from stcompress.errors import DataError
 
@@ -82,6 +81,8 @@ def _finish(frames: np.ndarray, rate: int, name: str) -> np.ndarray:
 def resample(mono: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     """Polyphase resampling by the reduced ratio target/rate; float32 out."""
     if rate != target:
+        from scipy.signal import resample_poly  # only resampling needs scipy
+
         g = gcd(rate, target)
         mono = resample_poly(mono, target // g, rate // g)
     return np.ascontiguousarray(mono, dtype=np.float32)

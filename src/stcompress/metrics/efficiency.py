@@ -124,3 +124,75 @@ def speed_report(
         "peak_gpu_bytes": peak_gpu_bytes,
         "peak_gpu_gib": peak_gpu_bytes / 2**30 if peak_gpu_bytes is not None else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes on disk per component, from safetensors headers (nothing is loaded)
+
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of one .safetensors file: name -> {"dtype", "shape", "data_offsets"}."""
+    import json
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path}: not a safetensors file (shorter than its 8-byte header length); save the model again")
+        (length,) = struct.unpack("<Q", raw)
+        if length > path.stat().st_size:
+            raise ModelError(f"{path}: corrupt safetensors header (length {length}); save the model again")
+        header = json.loads(fh.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_bytes(entry: dict[str, Any]) -> int:
+    """dtype size x number of elements of one header entry."""
+    numel = 1
+    for dim in entry["shape"]:
+        numel *= int(dim)
+    try:
+        return _DTYPE_BYTES[entry["dtype"]] * numel
+    except KeyError:
+        raise ModelError(f"safetensors dtype {entry['dtype']!r}: unknown to stcompress; report it") from None
+
+
+def component_bytes(model_dir: str | Path) -> dict[str, Any]:
+    """Bytes on disk per model component (stcompress.model.arch.COMPONENTS) and per dtype.
+
+    Tensor bytes come from the safetensors headers (dtype x shape); "overhead" holds the headers
+    themselves and any shard index, so the components plus overhead sum to `weight_bytes`.
+    """
+    from stcompress.model.arch import COMPONENTS, component_of
+
+    files = weight_files(model_dir)
+    tensors = [f for f in files if f.name.endswith(".safetensors")]
+    others = [f for f in files if f not in tensors and not f.name.endswith(".safetensors.index.json")]
+    if not tensors or others:
+        raise ModelError(
+            f"{model_dir}: per-component sizes need safetensors weights only "
+            f"(found {', '.join(f.name for f in others) or 'none'}); save with safe_serialization=True"
+        )
+    by_component = dict.fromkeys(COMPONENTS, 0)
+    by_dtype: dict[str, dict[str, int]] = {c: {} for c in COMPONENTS}
+    tensor_total = 0
+    for path in tensors:
+        for name, entry in safetensors_header(path).items():
+            size = tensor_bytes(entry)
+            component = component_of(name)
+            by_component[component] += size
+            by_dtype[component][entry["dtype"]] = by_dtype[component].get(entry["dtype"], 0) + size
+            tensor_total += size
+    total = weight_bytes(model_dir)
+    return {
+        "total": total,
+        "components": {**by_component, "overhead": total - tensor_total},
+        "dtypes": {c: d for c, d in by_dtype.items() if d},
+    }

@@ -10,6 +10,8 @@ Everything else in stcompress asks these functions for "the decoder layers", "th
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -99,3 +101,54 @@ def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attenti
     hidden = tower(features, attention_mask=attn).last_hidden_state
     embeds = projector(model)(hidden)
     return [embeds[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter names -> components (sizes per component, 4-bit skip lists)
+
+COMPONENTS = ("audio_tower", "projector", "embed_tokens", "decoder_layers", "lm_head", "other")
+# Components made of nn.Linear layers, which bitsandbytes can store in 4 bits (embed_tokens cannot).
+QUANTIZABLE_COMPONENTS = ("audio_tower", "projector", "lm_head")
+
+# Both layouts, and the 4.5x names that both versions write to disk (5.x converts on save).
+_LM = r"(?:model\.language_model\.|language_model\.model\.|language_model\.)"
+_COMPONENT_PATTERNS = (
+    ("audio_tower", re.compile(r"(?:model\.)?audio_tower\.")),
+    ("projector", re.compile(r"(?:model\.)?multi_modal_projector\.")),
+    ("embed_tokens", re.compile(_LM + r"embed_tokens\.")),
+    ("decoder_layers", re.compile(_LM + r"layers\.\d+\.")),
+    ("lm_head", re.compile(r"(?:language_model\.)?lm_head\.")),
+)
+_PEFT_PREFIX = "base_model.model."
+
+# Module-name patterns that transformers' bitsandbytes integration leaves unquantized. 4.5x matches
+# a child name or "<key>." anywhere in the module path; 5.x matches from the start of the path or as
+# a suffix. Listing each component under both layouts' names keeps a saved 4-bit config portable.
+_SKIP_PATTERNS = {
+    "audio_tower": ("audio_tower", "model.audio_tower"),
+    "projector": ("multi_modal_projector", "model.multi_modal_projector"),
+    "lm_head": ("lm_head",),
+}
+
+
+def component_of(param_name: str) -> str:
+    """Which part of Qwen2-Audio a parameter (or 4-bit quant-state tensor) belongs to.
+
+    Knows the 4.5x and 5.x module paths, the names both write to disk, and peft's
+    `base_model.model.` prefix; anything else (final norm, rotary buffers) is "other".
+    """
+    name = param_name.removeprefix(_PEFT_PREFIX)
+    for component, pattern in _COMPONENT_PATTERNS:
+        if pattern.match(name):
+            return component
+    return "other"
+
+
+def quantization_skip_patterns(components: Sequence[str]) -> list[str]:
+    """`llm_int8_skip_modules` entries that keep `components` out of 4-bit in both layouts."""
+    unknown = [c for c in components if c not in _SKIP_PATTERNS]
+    if unknown:
+        raise ModelError(
+            f"keep_unquantized: {unknown[0]!r} cannot be quantized or kept; use any of {', '.join(QUANTIZABLE_COMPONENTS)}"
+        )
+    return [p for c in components for p in _SKIP_PATTERNS[c]]

@@ -112,7 +112,9 @@ def quantization_config(compute_dtype: torch.dtype) -> Any:
     )
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:
+    """Load model + processor; `quantization` (a BitsAndBytesConfig) replaces the paper's NF4 default
+    when cfg.load_in_4bit (export uses it to choose which components stay unquantized)."""
     device = resolve_device(cfg.device)
     check_options(cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -122,7 +124,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
         compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
+        kwargs["quantization_config"] = quantization or quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
     elif cfg.load_in_4bit:

@@ -1,0 +1,104 @@
+"""The training forward pass: what generation computes, with gradients, and logits only where needed.
+
+transformers' Qwen2AudioForConditionalGeneration.forward projects every position (prompt and
+~750 audio tokens included) onto the 156k vocabulary; training needs the target positions only
+(~50 a clip). `TranslationLM` runs audio tower + projector (with gradients, so LoRA on the encoder
+linears trains), splices the audio features into the prompt embeddings exactly as
+`Translator.build_inputs` does, runs the decoder, and applies the LM head on the label positions.
+It is an nn.Module so accelerate can wrap it (DDP / FSDP hooks need the root forward).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from stcompress.model import arch
+from stcompress.prompt import IGNORE_INDEX
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+    """Audio tower + projector with gradients: (total audio tokens of the batch, hidden), clip by clip.
+
+    The same computation (and padding mask) as `arch.encode_audio`, which runs without gradients.
+    """
+    tower = arch.audio_tower(model)
+    weight = tower.conv1.weight
+    features = input_features.to(device=weight.device, dtype=weight.dtype)
+    mask = feature_attention_mask.to(weight.device)
+    conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
+    max_len = (features.shape[-1] - 2) // 2 + 1
+    padded = torch.arange(max_len, device=weight.device)[None, :] >= conv_lengths[:, None]
+    attn = torch.zeros(padded.shape[0], 1, max_len, max_len, dtype=weight.dtype, device=weight.device)
+    attn.masked_fill_(padded[:, None, None, :], torch.finfo(weight.dtype).min)
+    hidden = tower(features, attention_mask=attn).last_hidden_state
+    embeds = arch.projector(model)(hidden)
+    keep = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < out_lengths.to(embeds.device)[:, None]
+    return embeds[keep]
+
+
+class TranslationLM(nn.Module):
+    """Wraps a Qwen2-Audio model (or a peft model around one) for training and KD."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def base(self) -> nn.Module:
+        return unwrap_peft(self.model)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        input_features: torch.Tensor, feature_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the N label positions (N, vocab), their target ids (N,)), in batch order."""
+        base = self.base
+        embed = arch.embed_tokens(base)
+        input_ids = input_ids.to(embed.weight.device)
+        attention_mask = attention_mask.to(embed.weight.device)
+        embeds = embed(input_ids)
+        audio = audio_embeddings(base, input_features, feature_attention_mask)
+        is_audio = (input_ids == arch.audio_token_id(base)).unsqueeze(-1)
+        embeds = embeds.masked_scatter(is_audio, audio.to(device=embeds.device, dtype=embeds.dtype))
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = arch.text_model(base)(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
+        targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX
+        logits = arch.lm_head(base)(hidden[:, :-1][keep])
+        return logits, targets[keep]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """eval() + no_grad for dev passes, then back to train().
+
+    bitsandbytes' 4-bit layers repack their weights for a faster CPU kernel the first time they run
+    in eval mode without gradients, and a later training forward then fails; keeping those layers
+    in training mode (they have no dropout, so nothing else changes) prevents the repack.
+    """
+    model.eval()
+    quantized = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
+    for m in quantized:
+        m.training = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+
+
+def vocab_size(model: Any) -> int:
+    return int(arch.lm_head(unwrap_peft(model)).out_features)
