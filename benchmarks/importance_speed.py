@@ -17,6 +17,7 @@ import argparse
 import copy
 import gc
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -81,7 +82,8 @@ def reference(model, processor, examples, candidates, n_new, device) -> dict:
             inputs = processor(text=prompt, audio=[ex.audio], sampling_rate=16000, return_tensors="pt").to(device)
             inputs["input_features"] = inputs["input_features"].to(model.dtype)
             with torch.no_grad():
-                out = pruned.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+                out = pruned.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                     eos_token_id=[151645, 151643], pad_token_id=151643)
             processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             sync(device)
             segments.append(time.perf_counter() - t0)
@@ -154,6 +156,8 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma list of parts to skip: reference,speed,ours")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("stcompress.importance.search").setLevel(logging.INFO)
     skip = set(filter(None, args.skip.split(",")))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, processor, build_seconds = build(args.arch, args.device, dtype)
