@@ -68,6 +68,10 @@ def reference(model, processor, examples, candidates, n_new, device) -> dict:
     """The notebook's loop on a sample: deepcopy per candidate, one generate() per segment."""
     prompt = PromptBuilder(processor).render("de")
     copies, segments = [], []
+    warm = processor(text=prompt, audio=[examples[0].audio], sampling_rate=16000, return_tensors="pt").to(device)
+    warm["input_features"] = warm["input_features"].to(model.dtype)
+    with torch.no_grad():
+        model.generate(**warm, max_new_tokens=4, do_sample=False, eos_token_id=[151645, 151643], pad_token_id=151643)
     for layer in candidates:
         sync(device)
         t0 = time.perf_counter()
@@ -95,7 +99,7 @@ def reference(model, processor, examples, candidates, n_new, device) -> dict:
             "mean_copy_seconds": statistics.mean(copies), "mean_segment_seconds": statistics.mean(segments)}
 
 
-def decode_speed(model, processor, examples, n_layers_list, batches, n_new, device) -> list[dict]:
+def decode_speed(model, processor, examples, n_layers_list, batches, n_new, device, bw=None) -> list[dict]:
     """Generated tokens/s excluding prefill: (t[n_new] - t[1]) over (n_new - 1) steps."""
     rows = []
     total = arch.num_decoder_layers(model)
@@ -115,8 +119,13 @@ def decode_speed(model, processor, examples, n_layers_list, batches, n_new, devi
                     sync(device)
                 times[tokens] = time.perf_counter() - t0
             step = (times[n_new] - times[1]) / (n_new - 1)
-            rows.append({"decoder_layers": len(keep), "batch": batch, "prefill_seconds": times[1],
-                         "decode_step_seconds": step, "decode_tokens_per_s": batch / step})
+            row = {"decoder_layers": len(keep), "batch": batch, "prefill_seconds": times[1],
+                   "decode_step_seconds": step, "decode_tokens_per_s": batch / step}
+            if bw:
+                with decoder_view(model, keep):
+                    row["bandwidth_bound_step_seconds"] = decoder_bytes(model, len(keep)) / bw
+                row["step_over_bound"] = step / row["bandwidth_bound_step_seconds"]
+            rows.append(row)
     return rows
 
 
@@ -153,7 +162,7 @@ def main() -> None:
     p.add_argument("--ref-segments", type=int, default=4)
     p.add_argument("--speed-layers", default="32,24,16")
     p.add_argument("--speed-batches", default="1,32")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: reference,speed,ours")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: reference,equivalence,speed,ours")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -180,10 +189,19 @@ def main() -> None:
         ref["extrapolated_seconds"] = (evaluations - 1) * ref["mean_copy_seconds"] + evaluations * args.segments * ref["mean_segment_seconds"]
         record["reference"] = ref
         print(json.dumps({"reference": ref}, indent=1), flush=True)
+    if "equivalence" not in skip:
+        subset = examples[:8]
+        outs = {}
+        for static in (True, False):
+            gen = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=8, static_cache=static)
+            outs[static] = Translator(model, processor, generation=gen, progress=False).translate(subset)
+        same = [a == b for a, b in zip(outs[True], outs[False])]
+        record["static_vs_transformers_identical_segments"] = f"{sum(same)}/{len(same)}"
+        print(json.dumps({"equivalence": record["static_vs_transformers_identical_segments"]}), flush=True)
     if "speed" not in skip:
         layers = [int(x) for x in args.speed_layers.split(",")]
         batches = [min(int(x), args.segments) for x in args.speed_batches.split(",")]
-        record["decode_speed"] = decode_speed(model, processor, examples, layers, batches, args.new_tokens, args.device)
+        record["decode_speed"] = decode_speed(model, processor, examples, layers, batches, args.new_tokens, args.device, bw)
         print(json.dumps({"decode_speed": record["decode_speed"]}, indent=1), flush=True)
     if "ours" not in skip:
         record["ours"] = ours(model, processor, examples, args.rounds, args.new_tokens, args.batch_size, args.device)

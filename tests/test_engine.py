@@ -158,3 +158,29 @@ def test_run_stats_count_generated_tokens(loaded, speech_like):
     assert report["segments"] == 2 and report["generated_tokens"] == sum(h.n_tokens for h in hyps)
     assert all(1 <= h.n_tokens <= 12 for h in hyps)
     assert np.isfinite(report["segments_per_s"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_static_cache_decoding_equals_transformers_steps(loaded, speech_like, batch_size):
+    model, processor = loaded
+    examples = _examples(speech_like)
+    fast = Translator(model, processor, generation=_gen(batch_size=batch_size, max_new_tokens=16), progress=False)
+    slow = Translator(model, processor, generation=_gen(batch_size=batch_size, max_new_tokens=16, static_cache=False),
+                      progress=False)
+    assert fast.translate(examples) == slow.translate(examples)
+
+
+def test_static_cache_stops_at_end_of_turn(loaded, speech_like):
+    """Rows that end early are padded after their end-of-turn; decoding stops once all have ended."""
+    model, processor = loaded
+    examples = _examples(speech_like, seconds=(1.0, 2.0))
+    fast = Translator(model, processor, generation=_gen(), progress=False)
+    slow = Translator(model, processor, generation=_gen(static_cache=False), progress=False)
+    cache = fast.encode(examples)
+    embeds, mask = fast.build_inputs(examples, cache)
+    free = slow._greedy(embeds, mask, 12, {151645}, 151643)
+    stop = int(free[0, 2])  # row 0 "ends" at its third token; row 1 keeps going unless it emits it too
+    a = fast._greedy(embeds, mask, 12, {stop}, 151643)
+    b = slow._greedy(embeds, mask, 12, {stop}, 151643)
+    assert torch.equal(a, b)
+    assert int(a[0, 2]) == stop and bool((a[0, 3:] == 151643).all())

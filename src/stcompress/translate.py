@@ -22,7 +22,7 @@ from stcompress.data.audio import SAMPLE_RATE
 from stcompress.data.example import Example
 from stcompress.errors import StcompressError
 from stcompress.metrics.efficiency import speed_report
-from stcompress.model import arch
+from stcompress.model import arch, static_decode
 from stcompress.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,11 @@ class Translator:
         decoder, head = arch.text_model(self.model), arch.lm_head(self.model)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        if self.generation.static_cache and static_decode.supported(self.model):
+            first = head(out.last_hidden_state[:, -1]).argmax(-1)
+            runner = static_decode.StaticGreedy(self.model, out.past_key_values, mask, positions, max_new, eos, pad)
+            del out
+            return runner.run(first)
         eos_ids = torch.tensor(sorted(eos), device=mask.device)
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         steps = []
