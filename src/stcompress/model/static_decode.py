@@ -20,7 +20,8 @@ from stcompress.model import arch
 def supported(model: nn.Module) -> bool:
     """Plain nn.Linear projections only (no 4-bit, no LoRA wrappers) and no sliding windows."""
     config = arch.text_config(model)
-    if getattr(config, "use_sliding_window", False) or getattr(config, "rope_scaling", None):
+    rotary = getattr(arch.text_model(model), "rotary_emb", None)
+    if getattr(config, "use_sliding_window", False) or getattr(rotary, "rope_type", None) != "default":
         return False
     for layer in arch.decoder_layers(model):
         mods = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
