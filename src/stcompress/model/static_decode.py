@@ -88,7 +88,7 @@ class StaticGreedy:
         self.pad = pad
         self.out = torch.full((batch, max_new), pad, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.use_graph = device.type == "cuda" and (cuda_graph is None or cuda_graph)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
