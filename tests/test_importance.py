@@ -246,3 +246,17 @@ def test_prune_bad_inputs(engineered, tmp_path, capsys):
     assert cli.main(base) == 2
     assert "nothing to remove" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_encoder_search_on_tiny_model(engineered, tmp_path):
+    """The paper's encoder ablation: audio-encoder layers ranked the same way (features re-encoded)."""
+    model_dir, manifest = engineered
+    out = tmp_path / "enc"
+    args = ["importance", "--model.path", str(model_dir), "--data.dataset", str(manifest), "--component", "encoder",
+            "--protect", "", "--rounds", "1", "--generation.max-new-tokens", "8", "--output", str(out), "-q"]
+    assert cli.main(args) == 0
+    result = json.loads((out / "removal_order.json").read_text())
+    assert result["component"] == "encoder" and len(result["removal_order"]) == 1
+    rows = [json.loads(l) for l in (out / "candidates.jsonl").read_text().splitlines()]
+    assert {r["layer"] for r in rows if r["round"] == 1} == {0, 1}
+    assert cli.main(["prune", "--importance", str(out), "--output", str(tmp_path / "p"), "-q"]) == 2  # not decoder layers
