@@ -61,7 +61,8 @@ def _prepare_output(cfg: ImportanceConfig, rank: int) -> str:
     out = Path(cfg.output)
     settings = out / SETTINGS
     if not settings.is_file():
-        if out.exists() and any(out.iterdir()) and rank == 0:
+        foreign = [p for p in out.iterdir() if not p.name.startswith(("candidates.rank", "hypotheses"))] if out.exists() else []
+        if foreign and rank == 0:  # another process of this launch may already have written its state
             raise StcompressError(f"output: {out} exists and is not an importance search; choose a new --output")
         return "fresh"
     previous = json.loads(settings.read_text(encoding="utf-8"))
