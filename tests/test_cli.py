@@ -150,3 +150,16 @@ def test_yaml_config_file(tmp_path, tiny_model_dir):
     rows = (out / "hypotheses.jsonl").read_text().splitlines()
     assert len(rows) == 2 and json.loads(rows[0])["target_lang"] == "zh"
     assert "Chinese" in read_manifest(out)["prompt"]
+
+
+def test_outputs_are_readable_by_others(tmp_path, tiny_model_dir):
+    import os
+
+    out = tmp_path / "tr"
+    previous = os.umask(0o022)
+    try:
+        code = cli.main(["translate", *_tiny(tiny_model_dir), "--data.limit", "1", "--output", str(out), *FAST])
+    finally:
+        os.umask(previous)
+    assert code == 0
+    assert out.stat().st_mode & 0o055 == 0o055 and (out / "manifest.json").stat().st_mode & 0o044 == 0o044

@@ -31,11 +31,18 @@ _FULL_HASH_LIMIT = 64 * 2**20  # larger files get a sampled fingerprint (say so 
 _PACKAGES = ("stcompress", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "sacrebleu", "datasets", "numpy")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -166,6 +173,7 @@ def staged_output(output: str | Path) -> Iterator[Path]:
     if output.exists() and not output.is_dir():
         raise StcompressError(f"output: {output} exists and is not a directory; choose another output path")
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    os.chmod(stage_dir, 0o777 & ~_umask())
     try:
         yield stage_dir
     except BaseException:
