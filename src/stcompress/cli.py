@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from stcompress import __version__
 from stcompress.config import EvaluateConfig, ImportanceConfig, PruneConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
+from stcompress.config import DistillConfig, ExportConfig
+from stcompress.config import FinetuneConfig
 from stcompress.errors import StcompressError
 
 log = logging.getLogger("stcompress")
@@ -54,6 +56,24 @@ def _run_prune(cfg: PruneConfig, progress: bool) -> Path:
     return prune.run(cfg, progress=progress)
 
 
+def _run_distill(cfg: DistillConfig, progress: bool) -> Path:
+    from stcompress.stages import distill
+
+    return distill.run(cfg, progress=progress)
+
+
+def _run_export(cfg: ExportConfig, progress: bool) -> Path:
+    from stcompress.stages import export
+
+    return export.run(cfg, progress=progress)
+
+
+def _run_finetune(cfg: FinetuneConfig, progress: bool) -> Path:
+    from stcompress.stages import finetune
+
+    return finetune.run(cfg, progress=progress)
+
+
 def _print_removal_order(out: Path) -> None:
     result = json.loads((out / "removal_order.json").read_text(encoding="utf-8"))
     print(f"removal order ({result['metric']}): {result['removal_order']}; stopped: {result['stop_reason']}")
@@ -74,6 +94,9 @@ COMMANDS: dict[str, Command] = {
         ImportanceConfig, _run_importance, "greedy layer-importance search (resumable, multi-GPU)", _print_removal_order
     ),
     "prune": Command(PruneConfig, _run_prune, "remove layers and save a model that loads with from_pretrained"),
+    "finetune": Command(FinetuneConfig, _run_finetune, "full / LoRA / QLoRA fine-tuning (resumable, word-level KD) -> model/ or adapter/"),
+    "distill": Command(DistillConfig, _run_distill, "sequence-level KD data: references + teacher translations -> examples.jsonl"),
+    "export": Command(ExportConfig, _run_export, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
 }
 
 

@@ -80,12 +80,11 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
-@torch.no_grad()
-def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """Audio tower + projector for a batch of mel features; one (n_tokens, hidden) tensor per clip.
+def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio tower + projector for a batch of mel features: (B, max tokens, hidden) and tokens per clip.
 
-    The same computation as Qwen2AudioForConditionalGeneration.forward, done once so that many
-    decoder variants can reuse it (decoder-only pruning never changes these features).
+    The same computation as Qwen2AudioForConditionalGeneration.forward (padding frames masked
+    out of the encoder's attention); gradients flow when enabled, for training.
     """
     tower = audio_tower(model)
     device = tower.conv1.weight.device
@@ -99,7 +98,14 @@ def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attenti
     attn = torch.zeros(padded.shape[0], 1, max_len, max_len, dtype=dtype, device=device)
     attn.masked_fill_(padded[:, None, None, :], torch.finfo(dtype).min)
     hidden = tower(features, attention_mask=attn).last_hidden_state
-    embeds = projector(model)(hidden)
+    return projector(model)(hidden), out_lengths
+
+
+@torch.no_grad()
+def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """One (n_tokens, hidden) tensor per clip, computed once so that many decoder variants reuse it
+    (decoder-only pruning never changes these features)."""
+    embeds, out_lengths = audio_embeddings(model, input_features, feature_attention_mask)
     return [embeds[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]
 
 
@@ -152,3 +158,30 @@ def quantization_skip_patterns(components: Sequence[str]) -> list[str]:
             f"keep_unquantized: {unknown[0]!r} cannot be quantized or kept; use any of {', '.join(QUANTIZABLE_COMPONENTS)}"
         )
     return [p for c in components for p in _SKIP_PATTERNS[c]]
+
+
+# 4.5x module path -> 5.x module path (transformers 5 converts the same way when loading weights).
+_TO_5X = (
+    (re.compile(r"^audio_tower\."), "model.audio_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+)
+_TO_4X = (
+    (re.compile(r"^model\.audio_tower\."), "audio_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+)
+
+
+def rename_for_layout(param_name: str, target_layout: str) -> str:
+    """A parameter name from either layout (peft's `base_model.model.` prefix allowed) in the
+    `target_layout` ('5.x' or '4.x') module paths, e.g. to apply a LoRA adapter saved by the other
+    transformers family."""
+    prefix = _PEFT_PREFIX if param_name.startswith(_PEFT_PREFIX) else ""
+    name = param_name[len(prefix):]
+    for pattern, replacement in _TO_5X if target_layout == "5.x" else _TO_4X:
+        if pattern.match(name):
+            return prefix + pattern.sub(replacement, name, count=1)
+    return param_name

@@ -7,14 +7,18 @@ output set is every example's reference plus the teacher's translation, with exa
 on teacher outputs (sentence chrF against the reference, the analogue of distil-whisper's WER
 filter), an upsampling factor, and teacher-only output.
 
-Output: examples.jsonl (the KD set; `stcompress.data.distilled.load_distilled` reads it back with
-audio), hypotheses.jsonl (the teacher's raw outputs, as `stcompress translate` writes them),
-skipped.jsonl when items were skipped, and manifest.json (config, whose `data` section reloads
-the audio, counts, teacher model, prompt).
+Output: examples.jsonl (the KD set, one row {"id", "source_id", "target", "origin"} per training
+target; ids are "<source_id>:ref", ":ref1" for further references, ":kd", ":kd1" ... for upsampled
+copies; teacher rows carry their filter "score" when the filter is on;
+`stcompress.data.distilled.load_distilled` reads it back with audio), hypotheses.jsonl (the
+teacher's raw outputs, as `stcompress translate` writes them), skipped.jsonl when items were
+skipped, and manifest.json (config, whose `data` section reloads the audio, counts, teacher model,
+prompt). A finetune output can be the teacher (its model/ directory is used).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -108,9 +112,22 @@ def _check_unique(rows: Sequence[dict[str, Any]]) -> None:
         raise DataError("distill: example ids collide with the KD row-id suffixes (':ref', ':kd'); rename the ids")
 
 
+def resolve_teacher(cfg: DistillConfig) -> DistillConfig:
+    """Accept a finetune output as the teacher (its model/ directory), and warn when the prompt
+    differs from the one the teacher was trained with (training prompt = inference prompt)."""
+    from stcompress.stages.finetune import resolve_base
+
+    path, lineage = resolve_base(cfg.model.path)
+    trained = lineage.get("upstream_prompt_config")
+    if trained and trained != dataclasses.asdict(cfg.prompt):
+        log.warning("prompt: differs from the one the teacher %s was trained with (%s); pass the same prompt", path, trained)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)) if path != cfg.model.path else cfg
+
+
 def run(cfg: DistillConfig, *, progress: bool = True) -> Path:
     if problems := cfg.problems():
         raise ConfigError(problems)
+    teacher_cfg = resolve_teacher(cfg).model
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     needs_refs = not cfg.teacher_only or cfg.min_score is not None
@@ -119,7 +136,7 @@ def run(cfg: DistillConfig, *, progress: bool = True) -> Path:
     if not data.examples:
         raise DataError(f"data.dataset: {cfg.data.dataset} has no examples left to distil; check the split, subset and limit")
     t0 = time.perf_counter()
-    teacher = load_model(cfg.model)
+    teacher = load_model(teacher_cfg)
     timings["load_model"] = time.perf_counter() - t0
     translator = Translator(teacher.model, teacher.processor, cfg.prompt, cfg.generation, progress=progress)
     stats = RunStats()

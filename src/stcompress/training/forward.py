@@ -10,8 +10,8 @@ It is an nn.Module so accelerate can wrap it (DDP / FSDP hooks need the root for
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,21 +28,8 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
-    """Audio tower + projector with gradients: (total audio tokens of the batch, hidden), clip by clip.
-
-    The same computation (and padding mask) as `arch.encode_audio`, which runs without gradients.
-    """
-    tower = arch.audio_tower(model)
-    weight = tower.conv1.weight
-    features = input_features.to(device=weight.device, dtype=weight.dtype)
-    mask = feature_attention_mask.to(weight.device)
-    conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))
-    max_len = (features.shape[-1] - 2) // 2 + 1
-    padded = torch.arange(max_len, device=weight.device)[None, :] >= conv_lengths[:, None]
-    attn = torch.zeros(padded.shape[0], 1, max_len, max_len, dtype=weight.dtype, device=weight.device)
-    attn.masked_fill_(padded[:, None, None, :], torch.finfo(weight.dtype).min)
-    hidden = tower(features, attention_mask=attn).last_hidden_state
-    embeds = arch.projector(model)(hidden)
+    """Audio tower + projector with gradients: (total audio tokens of the batch, hidden), clip by clip."""
+    embeds, out_lengths = arch.audio_embeddings(model, input_features, feature_attention_mask)
     keep = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < out_lengths.to(embeds.device)[:, None]
     return embeds[keep]
 
@@ -90,7 +77,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     in training mode (they have no dropout, so nothing else changes) prevents the repack.
     """
     model.eval()
-    quantized = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
+    quantized = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
     for m in quantized:
         m.training = True
     try:
