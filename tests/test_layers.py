@@ -91,3 +91,20 @@ def test_bad_layer_lists(model_and_processor, remove, message):
     with pytest.raises(StcompressError, match=message):
         remove_decoder_layers(model, remove)
     assert arch.num_decoder_layers(model) == 4
+
+
+def test_teacher_forced_difference_detects_a_broken_save(model_and_processor, speech_like):
+    """The GPU fallback of the reload check: zero for the same weights, large for a damaged copy."""
+    import copy as _copy
+
+    from stcompress.model.save import GPU_LOGIT_TOLERANCE, teacher_forced_difference
+
+    model, processor = model_and_processor
+    examples = _examples(speech_like)[:2]
+    same = teacher_forced_difference(model, _copy.deepcopy(model), processor, examples, ["Hallo Welt", "Guten Tag"])
+    assert same["relative_logit_difference"] == 0.0 and same["argmax_agreement"] == 1.0
+    broken = _copy.deepcopy(model)
+    with torch.no_grad():
+        arch.decoder_layers(broken)[1].mlp.down_proj.weight.zero_()
+    bad = teacher_forced_difference(model, broken, processor, examples, ["Hallo Welt", "Guten Tag"])
+    assert bad["relative_logit_difference"] > 10 * GPU_LOGIT_TOLERANCE

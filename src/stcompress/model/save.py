@@ -56,19 +56,60 @@ def _dtype_name(model: Any) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
+# GPU kernels are not bitwise run-to-run deterministic (transformers' own decoding of one model
+# diverges between two runs: benchmarks/results/decode_determinism_h200.json), and greedy decoding
+# amplifies any difference. So on CUDA a diverging greedy comparison falls back to a teacher-forced
+# one: the same token sequences through both models, next-token logits compared. A real save bug
+# (a wrong or missing tensor) moves logits by their own size; kernel noise by well under 1%.
+GPU_LOGIT_TOLERANCE = 0.02  # mean |logit difference| / mean |logit|
+
+
+@torch.no_grad()
+def teacher_forced_difference(a: Any, b: Any, processor: Any, examples: Sequence[Example], texts: Sequence[str]) -> dict[str, Any]:
+    """Feed prompt + text through models a and b; compare their next-token logits on the text."""
+    from stcompress.model import arch
+    from stcompress.translate import Translator
+
+    diff = scale = 0.0
+    agree = total = 0
+    for ex, text in zip(examples, texts):
+        logits = []
+        for model in (a, b):
+            translator = Translator(model, processor, progress=False)
+            target = translator.prompt.target_ids(text)
+            embeds, mask = translator.build_inputs([ex], translator.encode([ex]), [target])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = arch.text_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+            logits.append(arch.lm_head(model)(hidden[0, -len(target) - 1 : -1]).float().cpu())
+        diff += float((logits[0] - logits[1]).abs().mean())
+        scale += float(logits[0].abs().mean())
+        agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+        total += logits[0].shape[0]
+    return {"positions": total, "argmax_agreement": agree / max(total, 1), "relative_logit_difference": diff / max(scale, 1e-12)}
+
+
 def reload_check(
     model: Any, processor: Any, directory: str | Path, examples: Sequence[Example], *, max_new_tokens: int = 16
 ) -> dict[str, Any]:
-    """Reload `directory` and require the same greedy output as the in-memory model."""
+    """Reload `directory` and require the same greedy output as the in-memory model (on CUDA: or
+    teacher-forced logits within GPU_LOGIT_TOLERANCE, see above)."""
     from stcompress.model.load import load_model
     from stcompress.translate import Translator
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=max(1, len(examples)))
-    device = str(next(model.parameters()).device)
+    device = next(model.parameters()).device
     before = Translator(model, processor, generation=gen, progress=False).translate(examples)
-    reloaded = load_model(ModelConfig(path=str(directory), dtype=_dtype_name(model), device=device))
+    reloaded = load_model(ModelConfig(path=str(directory), dtype=_dtype_name(model), device=str(device)))
     after = Translator(reloaded.model, reloaded.processor, generation=gen, progress=False).translate(examples)
     diff = [b.id for b, a in zip(before, after) if (b.text, b.n_tokens) != (a.text, a.n_tokens)]
+    result: dict[str, Any] = {"segments": len(examples), "max_new_tokens": max_new_tokens, "identical": not diff}
+    if diff and device.type == "cuda":
+        forced = teacher_forced_difference(model, reloaded.model, processor, examples, [h.text for h in before])
+        result["teacher_forced"] = forced
+        if forced["relative_logit_difference"] <= GPU_LOGIT_TOLERANCE:
+            log.info("reload check: greedy outputs diverge on %d segments (GPU nondeterminism); teacher-forced logits "
+                     "agree within %.4f", len(diff), forced["relative_logit_difference"])
+            diff = []
     del reloaded
     if diff:
         raise ModelError(
@@ -76,5 +117,5 @@ def reload_check(
             f"on {len(diff)} of {len(examples)} segments ({', '.join(diff[:3])}); the save is not trustworthy, "
             "report this with the manifest"
         )
-    log.info("reload check passed: %d segments decode identically from %s", len(examples), directory)
-    return {"segments": len(examples), "max_new_tokens": max_new_tokens, "identical": True}
+    log.info("reload check passed: %d segments from %s", len(examples), directory)
+    return result
