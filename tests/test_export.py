@@ -221,3 +221,19 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("stcompress export: error: input:")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, component", [
+    ("language_model.model.layers.0.mlp.up_proj.weight", "decoder_layers"),
+    ("model.language_model.layers.7.self_attn.q_proj.weight", "decoder_layers"),
+    ("model.language_model.model.embed_tokens.weight", "embed_tokens"),  # a prefix seen from transformers 5.17
+    ("language_model.model.embed_tokens.weight", "embed_tokens"),
+    ("audio_tower.layers.3.fc1.weight", "audio_tower"),
+    ("model.multi_modal_projector.linear.weight", "projector"),
+    ("language_model.lm_head.weight", "lm_head"),
+    ("model.language_model.norm.weight", "other"),
+])
+def test_component_of_any_prefix(name, component):
+    from stcompress.model.arch import component_of
+
+    assert component_of(name) == component

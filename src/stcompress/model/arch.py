@@ -117,13 +117,14 @@ COMPONENTS = ("audio_tower", "projector", "embed_tokens", "decoder_layers", "lm_
 QUANTIZABLE_COMPONENTS = ("audio_tower", "projector", "lm_head")
 
 # Both layouts, and the 4.5x names that both versions write to disk (5.x converts on save).
-_LM = r"(?:model\.language_model\.|language_model\.model\.|language_model\.)"
+# Matched anywhere in the name: transformers versions prefix the same module differently on disk
+# (language_model.model.*, model.language_model.*, ...), so only the module's own name counts.
 _COMPONENT_PATTERNS = (
-    ("audio_tower", re.compile(r"(?:model\.)?audio_tower\.")),
-    ("projector", re.compile(r"(?:model\.)?multi_modal_projector\.")),
-    ("embed_tokens", re.compile(_LM + r"embed_tokens\.")),
-    ("decoder_layers", re.compile(_LM + r"layers\.\d+\.")),
-    ("lm_head", re.compile(r"(?:language_model\.)?lm_head\.")),
+    ("audio_tower", re.compile(r"(?:^|\.)audio_tower\.")),
+    ("projector", re.compile(r"(?:^|\.)multi_modal_projector\.")),
+    ("embed_tokens", re.compile(r"(?:^|\.)embed_tokens\.")),
+    ("decoder_layers", re.compile(r"(?:^|\.)layers\.\d+\.")),
+    ("lm_head", re.compile(r"(?:^|\.)lm_head\.")),
 )
 _PEFT_PREFIX = "base_model.model."
 
@@ -145,7 +146,7 @@ def component_of(param_name: str) -> str:
     """
     name = param_name.removeprefix(_PEFT_PREFIX)
     for component, pattern in _COMPONENT_PATTERNS:
-        if pattern.match(name):
+        if pattern.search(name):
             return component
     return "other"
 
