@@ -7,6 +7,7 @@ after an optional `--config FILE.yaml`; command-line values win over the file.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,9 +17,19 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from stcompress import __version__
-from stcompress.config import EvaluateConfig, ImportanceConfig, PruneConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
-from stcompress.config import DistillConfig, ExportConfig
-from stcompress.config import FinetuneConfig
+from stcompress.config import (
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FinetuneConfig,
+    ImportanceConfig,
+    PruneConfig,
+    TranslateConfig,
+    flat_fields,
+    load_config,
+    read_yaml,
+    to_dict,
+)
 from stcompress.errors import StcompressError
 
 log = logging.getLogger("stcompress")
@@ -26,52 +37,14 @@ log = logging.getLogger("stcompress")
 
 @dataclass(frozen=True)
 class Command:
+    """A subcommand: its config type; the stage module of the same name provides `run(cfg, progress=)`."""
+
     config_cls: type
-    run: Callable[..., Path]
     help: str
     after: Callable[[Path], None] | None = None
 
-
-def _run_translate(cfg: TranslateConfig, progress: bool) -> Path:
-    from stcompress.stages import translate
-
-    return translate.run(cfg, progress=progress)
-
-
-def _run_evaluate(cfg: EvaluateConfig, progress: bool) -> Path:
-    from stcompress.stages import evaluate
-
-    return evaluate.run(cfg, progress=progress)
-
-
-def _run_importance(cfg: ImportanceConfig, progress: bool) -> Path:
-    from stcompress.stages import importance
-
-    return importance.run(cfg, progress=progress)
-
-
-def _run_prune(cfg: PruneConfig, progress: bool) -> Path:
-    from stcompress.stages import prune
-
-    return prune.run(cfg, progress=progress)
-
-
-def _run_distill(cfg: DistillConfig, progress: bool) -> Path:
-    from stcompress.stages import distill
-
-    return distill.run(cfg, progress=progress)
-
-
-def _run_export(cfg: ExportConfig, progress: bool) -> Path:
-    from stcompress.stages import export
-
-    return export.run(cfg, progress=progress)
-
-
-def _run_finetune(cfg: FinetuneConfig, progress: bool) -> Path:
-    from stcompress.stages import finetune
-
-    return finetune.run(cfg, progress=progress)
+    def run(self, name: str, cfg: Any, progress: bool) -> Path:
+        return importlib.import_module(f"stcompress.stages.{name}").run(cfg, progress=progress)
 
 
 def _print_removal_order(out: Path) -> None:
@@ -85,18 +58,14 @@ def _print_scores(out: Path) -> None:
     print(format_table(json.loads((out / SCORES).read_text(encoding="utf-8"))))
 
 
-COMMANDS: dict[str, Command] = {
-    "translate": Command(TranslateConfig, _run_translate, "translate speech with a model -> hypotheses.jsonl"),
-    "evaluate": Command(
-        EvaluateConfig, _run_evaluate, "score hypotheses (or a model) against references -> scores.json", _print_scores
-    ),
-    "importance": Command(
-        ImportanceConfig, _run_importance, "greedy layer-importance search (resumable, multi-GPU)", _print_removal_order
-    ),
-    "prune": Command(PruneConfig, _run_prune, "remove layers and save a model that loads with from_pretrained"),
-    "finetune": Command(FinetuneConfig, _run_finetune, "full / LoRA / QLoRA fine-tuning (resumable, word-level KD) -> model/ or adapter/"),
-    "distill": Command(DistillConfig, _run_distill, "sequence-level KD data: references + teacher translations -> examples.jsonl"),
-    "export": Command(ExportConfig, _run_export, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
+COMMANDS: dict[str, Command] = {  # in pipeline order
+    "translate": Command(TranslateConfig, "translate speech with a model -> hypotheses.jsonl"),
+    "evaluate": Command(EvaluateConfig, "score hypotheses (or a model) against references -> scores.json", _print_scores),
+    "importance": Command(ImportanceConfig, "greedy layer-importance search (resumable, multi-GPU)", _print_removal_order),
+    "prune": Command(PruneConfig, "remove layers and save a model that loads with from_pretrained"),
+    "distill": Command(DistillConfig, "sequence-level KD data: references + teacher translations -> examples.jsonl"),
+    "finetune": Command(FinetuneConfig, "full / LoRA / QLoRA fine-tuning (resumable, word-level KD) -> model/ or adapter/"),
+    "export": Command(ExportConfig, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
 }
 
 
@@ -165,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
             return 0
         log.info("%s config:\n%s", args.command, json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
-        out = cmd.run(cfg, progress=not args.quiet)
+        out = cmd.run(args.command, cfg, progress=not args.quiet)
         if cmd.after:
             cmd.after(out)
         print(f"{args.command}: wrote {out}")
