@@ -260,3 +260,20 @@ def test_encoder_search_on_tiny_model(engineered, tmp_path):
     rows = [json.loads(l) for l in (out / "candidates.jsonl").read_text().splitlines()]
     assert {r["layer"] for r in rows if r["round"] == 1} == {0, 1}
     assert cli.main(["prune", "--importance", str(out), "--output", str(tmp_path / "p"), "-q"]) == 2  # not decoder layers
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(engineered, tmp_path):
+    """Launched like on a multi-GPU machine (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK), here on CPU."""
+    model_dir, manifest = engineered
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*_importance_args(model_dir, manifest, one), "--model.device", "cpu"]) == 0
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "stcompress", *_importance_args(model_dir, manifest, two),
+         "--model.device", "cpu"], capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = lambda d: [(r["round"], r["layer"], r["scores"]) for r in map(json.loads, (d / "candidates.jsonl").read_text().splitlines())]
+    assert read(two) == read(one)
+    assert len(list(two.glob("candidates.rank*.jsonl"))) == 2 and read_manifest(two)["world_size"] == 2
