@@ -33,11 +33,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     one = search(args.work, "one", [sys.executable], ["--model.device", "cuda:0"])
+    again = search(args.work, "one-again", [sys.executable], ["--model.device", "cuda:0"])
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     launcher = [torchrun, "--nproc_per_node", "2"] if Path(torchrun).exists() else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     two = search(args.work, "two", launcher, [])
     manifest = json.loads((args.work / "two" / "manifest.json").read_text())
-    record = {"evaluations": len(one), "identical": one == two, "world_size": manifest["world_size"],
+    def differences(a: list, b: list) -> list:
+        return [{"round": x[0], "layer": x[1], "a": x[2], "b": y[2]} for x, y in zip(a, b) if x != y]
+
+    record = {"evaluations": len(one), "identical": one == two, "one_gpu_twice_identical": one == again,
+              "differences_two_vs_one": differences(one, two), "differences_one_vs_one_again": differences(one, again), "world_size": manifest["world_size"],
               "removal_order": manifest["removal_order"],
               "rank_files": sorted(p.name for p in (args.work / "two").glob("candidates.rank*.jsonl"))}
     print(json.dumps(record, indent=1))
