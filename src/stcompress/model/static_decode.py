@@ -10,6 +10,8 @@ decoding is a test (tests/test_engine.py).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,7 +131,7 @@ class StaticGreedy:
     def _capture(self) -> None:
         """Record one step as a CUDA graph (a warm-up step on a side stream first, then undo it)."""
         saved = [t.clone() for t in (self.token, self.done, self.slot, self.position, self.step_index, self.mask)]
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(device=self.mask.device)  # the model's GPU, not the current one
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._step()
@@ -151,6 +153,10 @@ class StaticGreedy:
         self.out[:, 0] = first
         self.step_index.fill_(1)
         steps = 1
+        with torch.cuda.device(self.mask.device) if self.use_graph else contextlib.nullcontext():
+            return self._decode(steps)
+
+    def _decode(self, steps: int) -> torch.Tensor:
         if self.use_graph and self.max_new > 1:
             self._capture()
         while steps < self.max_new and not bool(self.done.all()):

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, path_identity, write_jsonl
 from stcompress.config import ImportanceConfig, to_dict
 from stcompress.data.sources import load_examples
@@ -79,6 +81,8 @@ def _load(cfg: ImportanceConfig, local_rank: int, world: int) -> LoadedModel:
     model_cfg = cfg.model
     if world > 1 and model_cfg.device == "auto" and model_cfg.device_map is None:
         model_cfg = dataclasses.replace(model_cfg, device=f"cuda:{local_rank}")
+    if model_cfg.device.startswith("cuda:") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(model_cfg.device))  # streams, graphs and caches follow
     return load_model(model_cfg)
 
 
