@@ -78,3 +78,15 @@ def qwen_tokenizer() -> Any:
     from stcompress.model.tokenizer import build_qwen2_audio_tokenizer
 
     return build_qwen2_audio_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models' matmuls take microseconds; on a small, busy machine thread hand-offs dominate
+    (a 64-wide matmul: 0.4 ms on one thread, 16 ms on two with the other core loaded)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,16 +24,6 @@ from stcompress.stages.distill import kd_rows
 GEN = GenerationConfig(max_new_tokens=6, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are microseconds long; on a small, busy machine thread hand-offs
-    dominate, so these tests run single-threaded (as test_finetune does)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _hyp(i, hyp, *refs):
     return {"id": f"s{i}", "hypothesis": hyp, "references": list(refs), "target_lang": "de"}
 

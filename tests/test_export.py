@@ -28,16 +28,6 @@ PROMPT = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are microseconds long; on a small, busy machine thread hand-offs
-    dominate, so these tests run single-threaded (as test_finetune does)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(tmp_path: Path, input: Path, name: str = "export", **kw) -> ExportConfig:
     fields = {"dtype": "float32", "device": "cpu", "check_segments": 2, "check_max_new_tokens": 6, "data": DataConfig(limit=2)}
     return ExportConfig(output=str(tmp_path / name), input=str(input), **(fields | kw))

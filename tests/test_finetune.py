@@ -30,16 +30,6 @@ from stcompress.training.losses import cross_entropy_sum, kd_kl_sum, mix_losses
 TARGETS = ("Hallo Welt.", "Guten Morgen, wie geht es?", "Danke schön.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are microseconds long: with a second busy core, thread hand-offs
-    (not compute) dominate, so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def manifest(tmp_path, make_wav) -> Path:
     rows = [{"id": f"u{i}", "audio": make_wav(f"c{i}.wav", seconds=1.0 + 0.3 * i, seed=i).name, "text_de": t}
