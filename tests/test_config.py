@@ -86,3 +86,10 @@ def test_list_of_sections():
     with pytest.raises(ConfigError, match="datasets: expected a list of DataConfig mappings"):
         load_config(Mix, {"datasets": {"dataset": "a"}})
     assert "datasets" not in {n for n, _, _ in flat_fields(Mix)}
+
+
+def test_section_defaults_of_the_parent_survive_partial_overrides():
+    from stcompress.config import PruneConfig
+
+    cfg = load_config(PruneConfig, {"model": {"path": "some/dir/model"}}, {"model.device": "cpu"})
+    assert cfg.model.dtype == "checkpoint" and cfg.model.path == "some/dir/model" and cfg.model.device == "cpu"

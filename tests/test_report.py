@@ -54,7 +54,9 @@ def _run_dir(tmp_path: Path, real_eval: Path) -> Path:
     rows = report.read_rows([run / "teacher-eval"])
     report.relate(rows, None)
     (imp / "heatmap.png").write_bytes(report.plot_layers(rows, "chrf++"))  # any PNG stands in for the heatmap
-    (run / "plan.json").write_text(json.dumps({"order": ["teacher-eval", "importance", "pruned-eval", "eval-nf4", "zh-eval"]}))
+    order = ["teacher-eval", "importance", "pruned-eval", "eval-nf4", "zh-eval"]
+    stages = {n: {"stage": "evaluate", "status": "done", "seconds": 1.25} for n in order}
+    (run / "plan.json").write_text(json.dumps({"order": order, "stages": stages}))
     return run
 
 
@@ -72,6 +74,7 @@ def test_report_from_stage_outputs(tmp_path, real_eval):
     assert "99.0" in nf4 and "98.8" in nf4  # % of the teacher's chrF++ and COMET
     assert "## English -> Chinese (zh)" in md and "% of teacher (chrF)" in md
     assert "`chrf++: chrf++-signature`" in md
+    assert "| eval-nf4 | evaluate | done | 1.2 |" in md  # the run's own record of each stage
     for name in ("quality_vs_layers_de.png", "quality_vs_size_de.png", "heatmap_importance.png", "quality_vs_size_zh.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in md
     page = (out / "report.html").read_text()

@@ -83,6 +83,8 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys
     out = capsys.readouterr().out
     assert "tr" in out and "reads: tr" in out and "run: no complete output" in out
     assert not (tmp_path / "run").exists()
+    assert cli.main(["run", "--dry-run", str(path), "-q"]) == 0  # the flag before the recipe works too
+    assert "reads: tr" in capsys.readouterr().out
 
 
 def test_unknown_from_names_the_stages(tmp_path, tiny_model_dir):

@@ -24,6 +24,8 @@ from stcompress.config import (
     FinetuneConfig,
     ImportanceConfig,
     PruneConfig,
+    ReportConfig,
+    RunConfig,
     TranslateConfig,
     flat_fields,
     load_config,
@@ -42,6 +44,7 @@ class Command:
     config_cls: type
     help: str
     after: Callable[[Path], None] | None = None
+    positional: str | None = None  # a config field also accepted as the one positional argument
 
     def run(self, name: str, cfg: Any, progress: bool) -> Path:
         return importlib.import_module(f"stcompress.stages.{name}").run(cfg, progress=progress)
@@ -66,6 +69,8 @@ COMMANDS: dict[str, Command] = {  # in pipeline order
     "distill": Command(DistillConfig, "sequence-level KD data: references + teacher translations -> examples.jsonl"),
     "finetune": Command(FinetuneConfig, "full / LoRA / QLoRA fine-tuning (resumable, word-level KD) -> model/ or adapter/"),
     "export": Command(ExportConfig, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
+    "report": Command(ReportConfig, "render a run's results (tables, plots) into report.md and report.html", positional="run_dir"),
+    "run": Command(RunConfig, "run a YAML recipe's stages into one run directory (skips unchanged stages)", positional="recipe"),
 }
 
 
@@ -106,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
         _add_config_options(p, cmd.config_cls)
+        if cmd.positional:
+            p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(), help=f"same as --{cmd.positional.replace('_', '-')}")
+        if name == "run":
+            p.add_argument("--from", dest="cfg:from_stage", default=argparse.SUPPRESS, metavar="NAME",
+                           help="rerun this stage and every later one")
     return parser
 
 
@@ -115,6 +125,18 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     if not verbose:
         for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _take_positional(cmd: Command, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """`run --dry-run RECIPE`: a flag's optional value swallowed the positional; give it back."""
+    positional = getattr(args, "positional", None)
+    flags = {d for d, tp, _ in flat_fields(cmd.config_cls) if tp is bool}
+    for key in [k for k in overrides if k in flags]:
+        value = str(overrides[key]).lower()
+        if positional is None and value not in {"true", "false", "yes", "no", "1", "0", "on", "off"}:
+            positional, overrides[key] = overrides[key], "true"
+    if positional:
+        overrides[cmd.positional] = positional
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+        if cmd.positional:
+            _take_positional(cmd, args, overrides)
         cfg = load_config(cmd.config_cls, read_yaml(args.config) if args.config else None, overrides)
         if args.print_config:
             import yaml
@@ -137,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         out = cmd.run(args.command, cfg, progress=not args.quiet)
         if cmd.after:
             cmd.after(out)
-        print(f"{args.command}: wrote {out}")
+        if not getattr(cfg, "dry_run", False):
+            print(f"{args.command}: wrote {out}")
         return 0
     except StcompressError as exc:
         print(f"stcompress {args.command}: error: {exc}", file=sys.stderr)

@@ -182,7 +182,16 @@ def _coerce(tp: Any, value: Any) -> Any:
     raise ValueError(f"unsupported type {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str], base: Any = None) -> Any:
+    """`cls` from `data`; fields not in `data` come from `base` (the parent's default for this
+    section, e.g. prune's model dtype "checkpoint") or else from `cls`'s own defaults."""
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -197,7 +206,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a mapping of {tp.__name__} keys")
                 continue
-            kwargs[name] = _build(tp, value, f"{where}.", problems)
+            kwargs[name] = _build(tp, value, f"{where}.", problems, base=_field_default(cls, name))
             continue
         inner = get_args(tp)[0] if get_origin(tp) in (tuple, list) and get_args(tp) else None
         if _is_dataclass_type(inner):  # a list of sections, e.g. several datasets to mix
@@ -211,7 +220,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
         except ValueError as exc:
             problems.append(f"{where}: {exc} (got {value!r})")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if isinstance(base, cls) else cls(**kwargs)
     except TypeError as exc:  # only reachable through a programming error in the dataclass
         problems.append(f"{prefix or cls.__name__}: {exc}")
         return None
@@ -564,3 +573,36 @@ class FinetuneConfig:
             if mix.distilled is None and mix.data.target_lang not in known_languages():
                 out.append(f"datasets[{i}].data.target_lang: unknown language code {mix.data.target_lang!r}")
         return out
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`stcompress run RECIPE.yaml`: the stages a recipe lists, each into <run_dir>/<name>."""
+
+    recipe: str = ""  # the recipe YAML (also accepted as the positional argument)
+    dry_run: bool = False  # validate and print the plan (stage, output, inputs, skip or run), then exit
+    from_stage: str | None = None  # rerun this stage and every later one, even if unchanged (--from)
+    only: str | None = None  # run just this stage (its upstream outputs must be complete)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.recipe:
+            out.append("recipe: required; give a recipe file (stcompress run recipes/demo.yaml)")
+        if self.from_stage and self.only:
+            out.append("from_stage / only: give one of --from and --only, not both")
+        return out
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """`stcompress report RUN_DIR`: render what the stages of a run wrote (never recomputes)."""
+
+    run_dir: str = ""  # a `stcompress run` directory (or any directory holding stage outputs)
+    output: str = ""  # default: <run_dir>/report
+    title: str | None = None  # default: the run directory's name
+    # The evaluate output every "% of teacher" is relative to (its directory name); default: the
+    # one whose name contains "teacher", else the first evaluate output of the run.
+    teacher: str | None = None
+
+    def problems(self) -> list[str]:
+        return [] if self.run_dir else ["run_dir: required; give the run directory (stcompress report runs/demo)"]
