@@ -125,6 +125,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     if not verbose:
         for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # weight loading / shard writing bars
 
 
 def _take_positional(cmd: Command, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
