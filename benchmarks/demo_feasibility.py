@@ -3,13 +3,18 @@
 `stcompress demo` must train a teacher in a few minutes on 2 CPU cores and then report real
 numbers. This trains the projector + LM decoder of `whisper_init.build_demo_model` (Whisper tiny.en
 audio tower, frozen) on the demo corpus (`scripts/make_demo_corpus.py`) with a plain PyTorch loop,
-then translates with the project's engine (`Translator`) and scores chrF at several CPU-time
-checkpoints. Held-out sets: other sentences (same voice), the training sentences spoken by another
-voice, and both. Each score comes with its chance level: the same hypotheses scored against
-shuffled references (what vocabulary overlap alone earns).
+then translates with the project's engine (`Translator`) and scores chrF at several training-step
+checkpoints (wall and CPU seconds are recorded; `--by seconds` only on a quiet machine). Held-out
+sets: other sentences (same voice), the training sentences spoken by an unseen voice, and both.
+Each score comes with its chance level: the same hypotheses scored against shuffled references
+(what vocabulary overlap alone earns). `--random-tower` is the ablation without Whisper weights.
 
-    python benchmarks/demo_feasibility.py --corpus /tmp/demo-corpus --train-voices joe \
-        --test-voices slt --checkpoints 60,120,180 --out /tmp/feasibility.json
+    python scripts/make_demo_corpus.py --voices joe,awb,slt --out /tmp/demo-corpus
+    python benchmarks/demo_feasibility.py --corpus /tmp/demo-corpus --train-voices joe,awb \
+        --test-voices slt --checkpoints 300,600 --out /tmp/feasibility.json
+
+Measured (2 cores, 4 layers x 256, batch 8, active head): ~5.5 steps/s; 300 steps (55 s) give
+chrF 93 train / 85 unseen voice / 33 unseen sentences (chance 13-22).
 """
 
 from __future__ import annotations
