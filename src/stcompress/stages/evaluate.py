@@ -7,6 +7,7 @@ hypotheses, so scoring an old hypotheses file never reloads the model.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,8 +38,6 @@ def _read_hypotheses(path: str) -> tuple[list[dict[str, Any]], dict[str, Any] | 
     manifest_path = file.parent / MANIFEST
     manifest = None
     if manifest_path.is_file():
-        import json
-
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     return rows, manifest, file
 
