@@ -52,7 +52,7 @@ def main() -> None:
     decoder, head = arch.text_model(model), arch.lm_head(model)
 
     def static(graph: bool) -> torch.Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = arch.mask_positions(mask)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         first = head(out.last_hidden_state[:, -1]).argmax(-1)
         return static_decode.StaticGreedy(model, out.past_key_values, mask, positions, args.new_tokens, EOS, 151643,

@@ -209,7 +209,7 @@ def main() -> None:
         decoder, lm = arch.text_model(model), arch.lm_head(model)
         runs = []
         for graph in (True, False):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = arch.mask_positions(mask)
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
             first = lm(out.last_hidden_state[:, -1]).argmax(-1)
             runner = static_decode.StaticGreedy(model, out.past_key_values, mask, positions, args.new_tokens, {NEVER}, 151643,

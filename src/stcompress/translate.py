@@ -181,7 +181,7 @@ class Translator:
         (gigabytes of logits at batch 32); decoding needs only the last one.
         """
         decoder, head = arch.text_model(self.model), arch.lm_head(self.model)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = arch.mask_positions(mask)
         out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         if self.generation.static_cache and static_decode.supported(self.model):
             first = head(out.last_hidden_state[:, -1]).argmax(-1)

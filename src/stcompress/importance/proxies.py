@@ -40,8 +40,7 @@ def _batches(translator: Translator, examples: Sequence[Example], cache: AudioCa
 
 
 def _decode(translator: Translator, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return arch.text_model(translator.model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    return arch.run_decoder(translator.model, embeds, mask).last_hidden_state
 
 
 @torch.no_grad()

@@ -80,6 +80,16 @@ def num_decoder_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a left-padded batch: real tokens count from 0, padding sits at 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run_decoder(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> Any:
+    """The decoder stack (no LM head) on left-padded input embeddings."""
+    return text_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=mask_positions(mask), **kwargs)
+
+
 def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio tower + projector for a batch of mel features: (B, max tokens, hidden) and tokens per clip.
 

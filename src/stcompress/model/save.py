@@ -78,8 +78,7 @@ def teacher_forced_difference(a: Any, b: Any, processor: Any, examples: Sequence
             translator = Translator(model, processor, progress=False)
             target = translator.prompt.target_ids(text)
             embeds, mask = translator.build_inputs([ex], translator.encode([ex]), [target])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = arch.text_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+            hidden = arch.run_decoder(model, embeds, mask).last_hidden_state
             logits.append(arch.lm_head(model)(hidden[0, -len(target) - 1 : -1]).float().cpu())
         diff += float((logits[0] - logits[1]).abs().mean())
         scale += float(logits[0].abs().mean())

@@ -58,10 +58,7 @@ class TranslationLM(nn.Module):
         audio = audio_embeddings(base, input_features, feature_attention_mask)
         is_audio = (input_ids == arch.audio_token_id(base)).unsqueeze(-1)
         embeds = embeds.masked_scatter(is_audio, audio.to(device=embeds.device, dtype=embeds.dtype))
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = arch.text_model(base)(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
+        hidden = arch.run_decoder(base, embeds, attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
         logits = arch.lm_head(base)(hidden[:, :-1][keep])
