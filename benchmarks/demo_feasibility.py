@@ -37,7 +37,7 @@ from stcompress.data.audio import load_audio
 from stcompress.data.example import Example
 from stcompress.metrics.text import corpus_score
 from stcompress.model import arch
-from stcompress.model.whisper_init import build_demo_model, encode_tower_trimmed
+from stcompress.model.whisper_init import build_demo_model
 from stcompress.prompt import IGNORE_INDEX, PromptBuilder
 from stcompress.translate import AudioCache, Translator
 
@@ -74,8 +74,9 @@ def tower_features(model, processor, clips: list[Clip], batch: int = 16) -> tupl
             [load_audio(c.audio_path) for c in chunk], sampling_rate=16000, padding="max_length",
             return_attention_mask=True, return_tensors="pt",
         )
-        for c, h in zip(chunk, encode_tower_trimmed(model, feats["input_features"], feats["attention_mask"])):
-            out[c.id] = h
+        states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
+        for c, h, n in zip(chunk, states, lengths.tolist()):
+            out[c.id] = h[:n]
     return out, time.perf_counter() - start
 
 

@@ -111,6 +111,30 @@ def test_cached_features_equal_model_forward(loaded, speech_like):
     torch.testing.assert_close(batched[1], single[0], rtol=1e-5, atol=1e-5)
 
 
+def test_trimmed_tower_equals_transformers_full_window(loaded, speech_like):
+    """arch.tower_states runs only the frames that exist; transformers' encoder runs all 3000 with
+    padding masked out of attention. Content positions must come out the same, with gradients."""
+    model, processor = loaded
+    audio = [speech_like(1.3, seed=7), speech_like(4.1, seed=8)]
+    feats = processor.feature_extractor(
+        audio, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
+    )
+    tower = arch.audio_tower(model)
+    conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))
+    width = tower.config.max_source_positions
+    pad = torch.arange(width)[None, :] >= conv_lengths[:, None]
+    mask = torch.zeros(2, 1, width, width).masked_fill_(pad[:, None, None, :], torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        full = tower(feats["input_features"], attention_mask=mask).last_hidden_state
+    features = feats["input_features"].clone().requires_grad_(True)
+    trimmed, lengths = arch.tower_states(model, features, feats["attention_mask"])
+    assert lengths.tolist() == out_lengths.tolist() and trimmed.shape[1] < full.shape[1] // 4
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(trimmed[i, :n], full[i, :n], rtol=1e-5, atol=1e-5)
+    trimmed[0, : lengths[0]].sum().backward()
+    assert features.grad is not None and features.grad[0].abs().sum() > 0
+
+
 def test_out_of_memory_halves_batch(loaded, speech_like, monkeypatch):
     model, processor = loaded
     examples = _examples(speech_like)

@@ -275,6 +275,27 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, manifest
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_cached_tower_output_trains_exactly_like_the_live_tower(tmp_path, manifest, monkeypatch):
+    over = {"mode": "full", "train.freeze_audio_tower": "true", "train.epochs": "3", "train.lr": "1e-3",
+            "train.check_segments": "1", "dev.dataset": str(manifest)}
+    live = finetune.run(_cfg(tmp_path / "live", manifest, **over), progress=False)
+    calls = []
+    real = arch.tower_states
+    monkeypatch.setattr(arch, "tower_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = finetune.run(_cfg(tmp_path / "cached", manifest, **over, **{"train.cache_audio": "true"}), progress=False)
+    m = read_manifest(cached)
+    # 3 distinct clips (train and dev share them), encoded in one batch before training; the 9
+    # training steps and 3 dev passes then never run the tower (the reload check's decoding does).
+    assert m["data"]["cached_clips"] == 3 and read_manifest(live)["data"]["cached_clips"] == 0
+    assert len(calls) == 1 + 2 * m["reload_check"]["segments"]
+    assert _train_losses(cached) == pytest.approx(_train_losses(live), rel=1e-5)
+    dev = [[json.loads(r)["dev_loss"] for r in (out / "history.jsonl").read_text().splitlines() if '"dev"' in r]
+           for out in (live, cached)]
+    assert dev[0] == pytest.approx(dev[1], rel=1e-5) and len(dev[0]) == 3
+    problems = FinetuneConfig(train=dataclasses.replace(FinetuneConfig().train, cache_audio=True)).problems()
+    assert any("train.cache_audio: needs train.freeze_audio_tower" in p for p in problems)
+
+
 def test_full_finetune_with_kd_dev_and_reload(tmp_path, manifest, tiny_model_dir):
     cfg = _cfg(tmp_path, manifest, mode="full", **{
         "train.max_steps": "2", "train.lr": "1e-3", "dev.dataset": str(manifest), "dev.chrf_segments": "1",

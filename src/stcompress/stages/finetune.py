@@ -50,8 +50,8 @@ from stcompress.model.save import make_processor_files_portable, reload_check, s
 from stcompress.prompt import PromptBuilder
 from stcompress.stages.translate import data_identity
 from stcompress.training.checkpoint import TrainerState, check_resumable, read_state, resume_config
-from stcompress.training.collate import Collator, encode_items
-from stcompress.training.forward import TranslationLM, vocab_size
+from stcompress.training.collate import Collator, TowerCache, encode_items
+from stcompress.training.forward import TranslationLM, evaluating, vocab_size
 from stcompress.training.loop import TrainData, Trainer
 from stcompress.training.lora import apply_lora, setup_full, trainable_report
 
@@ -308,12 +308,23 @@ def setup(cfg: FinetuneConfig, device: torch.device) -> Setup:
     timings["load_model"] = time.perf_counter() - t0
     if lineage.get("upstream_prompt_config", dataclasses.asdict(cfg.prompt)) != dataclasses.asdict(cfg.prompt):
         log.warning("prompt: differs from the one %s was trained with; training and inference prompts should match", base_path)
-    collator = Collator(extractor, tok.pad_token_id if tok.pad_token_id is not None else 0, arch.audio_token_id(loaded.model))
+    tower_cache = None
+    if cfg.train.cache_audio:
+        t1 = time.perf_counter()
+        tower_cache = TowerCache()
+        with evaluating(loaded.model):  # no dropout; 4-bit layers kept trainable (see evaluating)
+            tower_cache.fill(loaded.model, extractor, [*train_set, *dev_set])
+        timings["cache_audio"] = time.perf_counter() - t1
+        log.info("train.cache_audio: tower output of %d clips cached (%.1f MB, %.1f s)", len(tower_cache),
+                 tower_cache.nbytes / 1e6, timings["cache_audio"])
+    collator = Collator(extractor, tok.pad_token_id if tok.pad_token_id is not None else 0, arch.audio_token_id(loaded.model),
+                        tower_cache=tower_cache)
     inputs: dict[str, Any] = {"model": path_identity(loaded.path), "data": data_inputs}
     if teacher_path:
         inputs["teacher"] = path_identity(teacher_path)
     report = {"sources": sources_report, "train_items": len(train_set), "dev_items": len(dev_set),
-              "dev_segments": len(dev_examples), "encoding": train_report.to_dict(cfg.train.long_audio)}
+              "dev_segments": len(dev_examples), "encoding": train_report.to_dict(cfg.train.long_audio),
+              "cached_clips": len(tower_cache) if tower_cache is not None else 0}
     return Setup(loaded=loaded, model=model, builder=builder, lineage=lineage, inputs=inputs, report=report, lora=lora_info,
                  data=TrainData(train=train_set, dev=dev_set, dev_examples=dev_examples, collator=collator),
                  teacher=teacher, timings=timings)

@@ -5,10 +5,15 @@ reported up front. Each batch runs the processor's feature extractor on its clip
 (`input_features` + `feature_attention_mask`), so the audio tower is part of the training graph.
 Batches are right-padded: pads get attention 0 and label IGNORE_INDEX; positions come from the
 attention mask, so the padding side never changes the loss.
+
+With a frozen audio tower (`train.cache_audio`), `TowerCache` runs the tower once per distinct clip
+before training and the collator hands its stored output (`audio_states`, `audio_lengths`) to the
+forward pass instead of mel features: same numbers, no tower or feature-extractor work per step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 
 from stcompress.data.audio import SAMPLE_RATE
+from stcompress.model import arch
 from stcompress.data.training import TrainItem
 from stcompress.errors import DataError
 from stcompress.prompt import IGNORE_INDEX, PromptBuilder, num_audio_tokens
@@ -92,19 +98,80 @@ def encode_items(
     return out, report
 
 
-class Collator:
-    """Right-padded ids, attention mask and labels, plus the batch's audio features."""
+def clip_key(audio: Any) -> str:
+    """Identity of a clip's samples: items sharing audio (references, KD targets, repeats) share it."""
+    return hashlib.sha1(memoryview(audio).cast("B")).hexdigest()
 
-    def __init__(self, feature_extractor: Any, pad_id: int, audio_token_id: int):
+
+class TowerCache:
+    """Audio-tower output per distinct clip, computed once with the tower frozen (no gradients).
+
+    Stored on the CPU in the tower's dtype; `states(keys)` pads a batch of them. The stored output
+    is exactly what the forward pass would compute (`arch.tower_states` on the same features).
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    @torch.no_grad()
+    def fill(self, model: Any, feature_extractor: Any, items: Sequence[Encoded], batch_size: int = 16) -> None:
+        todo: dict[str, Any] = {}
+        for e in items:
+            key = clip_key(e.item.example.audio)
+            if key not in self.store:
+                todo.setdefault(key, e.item.example.audio)
+        # Similar lengths together: the tower runs up to the longest clip of each batch.
+        order = sorted(todo, key=lambda k: len(todo[k]))
+        for i in range(0, len(order), batch_size):
+            keys = order[i : i + batch_size]
+            feats = feature_extractor(
+                [todo[k] for k in keys], sampling_rate=SAMPLE_RATE, padding="max_length",
+                truncation=True, return_attention_mask=True, return_tensors="pt",
+            )
+            states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
+            for k, h, n in zip(keys, states, lengths.tolist()):
+                self.store[k] = h[:n].detach().to("cpu").clone()
+
+    def states(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.store[k] for k in keys]
+        lengths = torch.tensor([r.shape[0] for r in rows])
+        out = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out, lengths
+
+
+class Collator:
+    """Right-padded ids, attention mask and labels, plus the batch's audio features (or the cached
+    tower output when a `TowerCache` is given)."""
+
+    def __init__(self, feature_extractor: Any, pad_id: int, audio_token_id: int, tower_cache: TowerCache | None = None):
         self.feature_extractor = feature_extractor
         self.pad_id = pad_id
         self.audio_token_id = audio_token_id
+        self.tower_cache = tower_cache
 
-    def __call__(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    def _audio(self, batch: Sequence[Encoded]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Model inputs for the clips and the audio tokens each one yields."""
+        if self.tower_cache is not None:
+            states, lengths = self.tower_cache.states([clip_key(e.item.example.audio) for e in batch])
+            return {"audio_states": states, "audio_lengths": lengths}, lengths.tolist()
         feats = self.feature_extractor(
             [e.item.example.audio for e in batch], sampling_rate=SAMPLE_RATE, padding="max_length",
             truncation=True, return_attention_mask=True, return_tensors="pt",
         )
+        expected = [num_audio_tokens(int(n)) for n in feats["attention_mask"].sum(-1)]
+        return {"input_features": feats["input_features"], "feature_attention_mask": feats["attention_mask"]}, expected
+
+    def __call__(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        audio, expected = self._audio(batch)
         width = max(len(e.input_ids) for e in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -114,12 +181,8 @@ class Collator:
             input_ids[i, :n] = torch.tensor(e.input_ids)
             attention_mask[i, :n] = 1
             labels[i, :n] = torch.tensor(e.labels)
-        expected = [num_audio_tokens(int(n)) for n in feats["attention_mask"].sum(-1)]
         placed = (input_ids == self.audio_token_id).sum(-1).tolist()
         if expected != placed:  # the ids were built for a different feature extractor
             raise DataError(f"training batch: audio placeholders {placed} do not match the clips' audio tokens {expected}; "
                             "use the processor saved with the model")
-        return {
-            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "input_features": feats["input_features"], "feature_attention_mask": feats["attention_mask"],
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **audio}

@@ -27,10 +27,19 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
-    """Audio tower + projector with gradients: (total audio tokens of the batch, hidden), clip by clip."""
-    embeds, out_lengths = arch.audio_embeddings(model, input_features, feature_attention_mask)
-    keep = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < out_lengths.to(embeds.device)[:, None]
+def audio_embeddings(model: nn.Module, input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+                     audio_states: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Audio tower + projector with gradients: (total audio tokens of the batch, hidden), clip by clip.
+
+    `audio_states` / `audio_lengths` (a TowerCache's stored tower output) skip the tower."""
+    if audio_states is None:
+        assert input_features is not None and feature_attention_mask is not None
+        audio_states, audio_lengths = arch.tower_states(model, input_features, feature_attention_mask)
+    assert audio_lengths is not None
+    proj = arch.projector(model)
+    ref = next(proj.parameters())
+    embeds = proj(audio_states.to(device=ref.device, dtype=arch.audio_tower(model).conv1.weight.dtype))
+    keep = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < audio_lengths.to(embeds.device)[:, None]
     return embeds[keep]
 
 
@@ -47,15 +56,18 @@ class TranslationLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        input_features: torch.Tensor, feature_attention_mask: torch.Tensor,
+        input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
+        audio_states: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits at the N label positions (N, vocab), their target ids (N,)), in batch order."""
+        """(logits at the N label positions (N, vocab), their target ids (N,)), in batch order.
+
+        Audio comes as mel features (the tower runs) or as cached tower output (`audio_states`)."""
         base = self.base
         embed = arch.embed_tokens(base)
         input_ids = input_ids.to(embed.weight.device)
         attention_mask = attention_mask.to(embed.weight.device)
         embeds = embed(input_ids)
-        audio = audio_embeddings(base, input_features, feature_attention_mask)
+        audio = audio_embeddings(base, input_features, feature_attention_mask, audio_states, audio_lengths)
         is_audio = (input_ids == arch.audio_token_id(base)).unsqueeze(-1)
         embeds = embeds.masked_scatter(is_audio, audio.to(device=embeds.device, dtype=embeds.dtype))
         hidden = arch.run_decoder(base, embeds, attention_mask, use_cache=False).last_hidden_state
