@@ -12,5 +12,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q)
 "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -c "$root/constraints/$family.txt" -e "$root[dev,quant]"
+"${pip[@]}" -c "$root/constraints/$family.txt" -e "$root[dev,quant,demo]"
 echo "ready: $venv ($family)"

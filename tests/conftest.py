@@ -90,3 +90,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tower_memo():
+    """Each test starts with an empty process-wide tower memo (tests count tower calls)."""
+    from stcompress.model.tower_memo import MEMO
+
+    MEMO.clear()
+    yield
+    MEMO.clear()

@@ -10,7 +10,7 @@ import transformers
 from stcompress.config import GenerationConfig, PromptConfig
 from stcompress.data.example import Example
 from stcompress.errors import StcompressError
-from stcompress.model import arch, static_decode
+from stcompress.model import arch, static_decode, tower_memo
 from stcompress.prompt import PromptBuilder, num_audio_tokens
 from stcompress.translate import AudioCache, RunStats, Translator
 
@@ -92,23 +92,37 @@ def test_audio_cache_is_reused(loaded, speech_like, monkeypatch):
     translator = Translator(model, processor, generation=_gen(), progress=False)
     cache = translator.encode(examples)
     calls = []
-    monkeypatch.setattr(arch, "encode_audio", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(arch, "tower_states", lambda *a, **k: calls.append(1) or [])
     first = translator.translate(examples, cache=cache)
     second = translator.translate(examples, cache=cache)
     assert calls == [] and first == second and len(cache) == 2
 
 
-def test_cached_features_equal_model_forward(loaded, speech_like):
-    """arch.encode_audio reproduces the audio features the model's forward would splice in."""
+def test_audio_features_are_per_clip_and_remembered_per_tower(loaded, speech_like, monkeypatch):
+    """Batched tower output equals clip-by-clip; the same tower never encodes a clip twice in a
+    process, and a changed tower (any weight) encodes again."""
     model, processor = loaded
     audio = [speech_like(3.0, seed=5), speech_like(6.0, seed=6)]
-    feats = processor.feature_extractor(
-        audio, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
-    )
-    batched = arch.encode_audio(model, feats["input_features"], feats["attention_mask"])
-    single = arch.encode_audio(model, feats["input_features"][1:], feats["attention_mask"][1:])
-    assert [t.shape[0] for t in batched] == [num_audio_tokens(int(m.sum())) for m in feats["attention_mask"]]
+    extractor = processor.feature_extractor
+    batched = tower_memo.tower_outputs(model, extractor, audio)
+    tower_memo.MEMO.clear()
+    single = tower_memo.tower_outputs(model, extractor, audio[1:])
+    feats = extractor(audio, sampling_rate=16000, padding="max_length", return_attention_mask=True)
+    assert [t.shape[0] for t in batched] == [num_audio_tokens(int(sum(m))) for m in feats["attention_mask"]]
     torch.testing.assert_close(batched[1], single[0], rtol=1e-5, atol=1e-5)
+    calls = []
+    real = arch.tower_states
+    monkeypatch.setattr(arch, "tower_states", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    again = tower_memo.tower_outputs(model, extractor, audio)
+    assert calls == [1] and torch.equal(again[1], single[0])  # only the clip not seen yet
+    with torch.no_grad():
+        arch.audio_tower(model).layers[0].fc1.weight[0, 0] += 1e-3
+    try:
+        tower_memo.tower_outputs(model, extractor, audio)
+        assert calls == [1, 2]
+    finally:
+        with torch.no_grad():
+            arch.audio_tower(model).layers[0].fc1.weight[0, 0] -= 1e-3
 
 
 def test_trimmed_tower_equals_transformers_full_window(loaded, speech_like):

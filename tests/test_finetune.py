@@ -20,7 +20,7 @@ from stcompress.config import DatasetMix, FinetuneConfig, LoraOptions, load_conf
 from stcompress.data.example import Example
 from stcompress.data.training import TrainItem, reference_items, repeat_items
 from stcompress.errors import ConfigError, DataError, ModelError, StcompressError
-from stcompress.model import arch
+from stcompress.model import arch, tower_memo
 from stcompress.prompt import IGNORE_INDEX, PromptBuilder, messages
 from stcompress.stages import finetune
 from stcompress.training.collate import Collator, encode_items
@@ -282,6 +282,7 @@ def test_cached_tower_output_trains_exactly_like_the_live_tower(tmp_path, manife
     calls = []
     real = arch.tower_states
     monkeypatch.setattr(arch, "tower_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(tower_memo.MEMO, "limit", 0)  # count every tower run (no cross-stage memo)
     cached = finetune.run(_cfg(tmp_path / "cached", manifest, **over, **{"train.cache_audio": "true"}), progress=False)
     m = read_manifest(cached)
     # 3 distinct clips (train and dev share them), encoded in one batch before training; the 9

@@ -8,13 +8,15 @@ import pytest
 
 from stcompress.stages.run import parse_recipe
 
+from stcompress.stages.demo import RECIPE as DEMO_RECIPE
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-ALL = sorted(RECIPES.glob("*.yaml"))
+ALL = [*sorted(RECIPES.glob("*.yaml")), DEMO_RECIPE]
 
 
 def test_recipes_are_shipped():
     names = {p.stem for p in ALL}
-    assert {"demo", "de-model-a", "de-model-b", "zh-model-a", "zh-model-b", "de-model-b-12layers",
+    assert {"recipe", "de-model-a", "de-model-b", "zh-model-a", "zh-model-b", "de-model-b-12layers",
             "de-model-b-16layers", "de-model-b-lora", "de-model-a-word-kd"} <= names
 
 
@@ -67,8 +69,15 @@ def test_variants():
     assert kd.ratio == 0.5 and kd.teacher.endswith("/teacher")
 
 
-def test_demo_is_small():
-    s = _steps("demo")
-    assert all(c.model.path == "builtin:tiny-random" for n, c in s.items() if n == "teacher")
-    assert all(c.generation.max_new_tokens <= 8 for c in s.values() if hasattr(c, "generation"))
-    assert all(c.train.max_steps <= 2 for c in s.values() if hasattr(c, "train"))
+def test_demo_recipe_runs_the_model_b_chain_on_the_builtin_task():
+    s = {st.name: st for st in parse_recipe(DEMO_RECIPE).steps}
+    assert [st.stage for st in s.values()] == ["finetune", "evaluate", "importance", "prune", "evaluate", "distill",
+                                              "finetune", "finetune", "export", "evaluate", "report"]
+    teacher = s["teacher"].config
+    assert teacher.model.path == "builtin:demo-base" and teacher.train.freeze_audio_tower and teacher.train.cache_audio
+    assert s["heal"].config.mode == "qlora" and "audio_tower" in s["heal"].config.lora.keep_unquantized
+    assert all(c.config.model.device == "cpu" for c in s.values() if hasattr(c.config, "model"))
+    tests = {c.config.data.dataset for n, c in s.items() if c.stage == "evaluate"}
+    assert tests == {"builtin:demo-test"} and s["importance"].config.data.dataset == "builtin:demo-dev"
+
+

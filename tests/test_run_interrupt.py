@@ -114,7 +114,8 @@ def _assert_all_complete(recipe_path: Path) -> None:
         assert record["status"] == "done", f"{step.name}: plan.json status {record['status']}"
         assert record["manifest_sha256"] == file_hash(step.output / MANIFEST)["sha256"], \
             f"{step.name}: plan.json records another manifest than the one on disk"
-        assert not list(recipe.run_dir.glob(f".{step.name}.partial-*")), f"{step.name}: a staging directory is left"
+        left = [p.name for p in recipe.run_dir.glob(f".{step.name}.partial-*")]
+        assert not left, f"{step.name}: staging directories of killed attempts are left behind: {left}"
     decisions = runner.decide(recipe, RunConfig(recipe=str(recipe_path)))
     assert set(decisions.values()) == {"skip: unchanged"}, f"a further run would not skip everything: {decisions}"
     assert (recipe.run_dir / MANIFEST).is_file(), "the run's manifest.json is missing"
@@ -183,6 +184,8 @@ def test_kill_between_stages_then_rerun_skips_the_finished_stage(tmp_path, tiny_
 
 
 def test_kill_mid_finetune_then_rerun_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """Two kills: while ft trains (a checkpoint after every step), then, in the rerun, while ft writes
+    its output (staging directory half full). Each rerun skips base-eval and continues ft."""
     steps = 10  # 8 training items, batch 1: ~1 s a step with a checkpoint after each
     recipe = _write_recipe(tmp_path, [
         {"name": "base-eval", "stage": "evaluate", "config": {
@@ -198,33 +201,59 @@ def test_kill_mid_finetune_then_rerun_resumes_from_its_checkpoint(tmp_path, tiny
     run_dir = tmp_path / "run"
     base, ft, ckpts = run_dir / "base-eval", run_dir / "ft", run_dir / "ft.checkpoints"
     state_file = ckpts / "last" / "trainer_state.json"
-    log = tmp_path / "first.log"
 
-    def checkpoint_step() -> int:
+    def checkpoint() -> dict[str, Any]:
         try:
-            return json.loads(state_file.read_text(encoding="utf-8"))["step"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):  # between checkpoint renames
-            return 0
+            return json.loads(state_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):  # between checkpoint renames
+            return {"step": 0}
 
+    def staging() -> list[Path]:
+        return list(run_dir.glob(".ft.partial-*"))
+
+    def weights_saved() -> bool:  # ft's output half written: weights saved (staged, or wrongly in place)
+        return any(list(d.glob("model/*.safetensors")) and (d / "model" / "config.json").is_file()
+                   for d in [*staging(), ft])
+
+    def assert_ft_incomplete(when: str) -> None:
+        assert not ft.exists(), f"{when}: ft's final output directory exists although ft never finished"
+        assert _plan(run_dir)["stages"]["ft"]["status"] == "running", f"{when}: plan.json does not show ft unfinished"
+        assert runner.decide(runner.parse_recipe(recipe), RunConfig(recipe=str(recipe))) == {
+            "base-eval": "skip: unchanged", "ft": "run: no complete output", "ft-eval": "run: no complete output"}, when
+
+    # 1. killed while training
+    log = tmp_path / "first.log"
     proc = _start(recipe, log)
     try:
-        _wait_for(proc, log, "ft's checkpoint at step 2", lambda: checkpoint_step() >= 2)
+        _wait_for(proc, log, "ft's checkpoint at step 2", lambda: checkpoint()["step"] >= 2)
         _kill(proc)
     finally:
         _kill(proc)
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed but exited with {proc.returncode}"
-
-    # nothing of ft looks complete; its checkpoint is a real mid-training one
-    assert not (ft / MANIFEST).exists(), "ft has a manifest although it was killed while training"
-    assert _plan(run_dir)["stages"]["ft"]["status"] == "running"
-    killed_at = checkpoint_step()
+    assert_ft_incomplete("killed while training")
+    killed_at = checkpoint()["step"]
     assert 2 <= killed_at < steps, f"the checkpoint on disk is at step {killed_at}; expected one mid-training"
     before = {"manifest": (base / MANIFEST).read_bytes(), "files": _snapshot(base),
               "record": _plan(run_dir)["stages"]["base-eval"]}
     assert before["record"]["status"] == "done"
-    assert runner.decide(runner.parse_recipe(recipe), RunConfig(recipe=str(recipe))) == {
-        "base-eval": "skip: unchanged", "ft": "run: no complete output", "ft-eval": "run: no complete output"}
 
+    # 2. the rerun, killed while ft writes its output (training finished, weights staged)
+    log = tmp_path / "second.log"
+    proc = _start(recipe, log)
+    try:
+        _wait_for(proc, log, "ft's saved weights", weights_saved)
+        _kill(proc)
+    finally:
+        _kill(proc)
+    assert proc.returncode == -signal.SIGKILL, f"the rerun was not killed but exited with {proc.returncode}"
+    assert "[skip: unchanged]" in _plan_line(log.read_text(), "base-eval")
+    assert "[run: no complete output]" in _plan_line(log.read_text(), "ft")
+    assert_ft_incomplete("killed while writing the output")
+    assert staging(), "the killed attempt's staging directory is gone, so this was not a kill mid-write"
+    assert checkpoint()["step"] == steps and checkpoint()["finished"], "ft's last checkpoint is not the finished one"
+    assert checkpoint()["resumed_from"] == [killed_at], "the first rerun did not resume ft from its checkpoint"
+
+    # 3. the rerun to the end
     stdout = _rerun(recipe)
 
     assert "[skip: unchanged]" in _plan_line(stdout, "base-eval")
@@ -235,10 +264,10 @@ def test_kill_mid_finetune_then_rerun_resumes_from_its_checkpoint(tmp_path, tiny
     assert record.pop("last_decision") == "skip: unchanged"
     assert record == before["record"], "plan.json's record of base-eval changed: base-eval was rerun"
 
-    # ft continued from the checkpoint the kill left, not from scratch, and trained every step once
+    # ft continued from the checkpoints the kills left, not from scratch, and trained every step once
     training = read_manifest(ft)["training"]
-    assert training["resumed_from_steps"] == [killed_at], \
-        f"ft did not resume from its step-{killed_at} checkpoint: resumed_from_steps {training['resumed_from_steps']}"
+    assert training["resumed_from_steps"] == [killed_at, steps], \
+        f"ft did not resume from its checkpoints (steps {killed_at}, {steps}): {training['resumed_from_steps']}"
     assert training["steps"] == steps
     history = [json.loads(line) for line in (ft / "history.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in history if r["kind"] == "train"] == list(range(1, steps + 1))
@@ -246,4 +275,4 @@ def test_kill_mid_finetune_then_rerun_resumes_from_its_checkpoint(tmp_path, tiny
     decisions = {k: v["decision"] for k, v in read_manifest(run_dir)["stages"].items()}
     assert decisions == {"base-eval": "skip: unchanged", "ft": "run: no complete output",
                          "ft-eval": "run: no complete output"}
-    _assert_all_complete(recipe)
+    _assert_all_complete(recipe)  # the killed attempt's staging directory included

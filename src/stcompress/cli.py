@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from stcompress import __version__
 from stcompress.config import (
+    DemoConfig,
     DistillConfig,
     EvaluateConfig,
     ExportConfig,
@@ -71,7 +72,9 @@ COMMANDS: dict[str, Command] = {  # in pipeline order
     "export": Command(ExportConfig, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
     "report": Command(ReportConfig, "render a run's results (tables, plots) into report.md and report.html", positional="run_dir"),
     "run": Command(RunConfig, "run a YAML recipe's stages into one run directory (skips unchanged stages)", positional="recipe"),
+    "demo": Command(DemoConfig, "the whole pipeline on the built-in task, offline on CPU in a few minutes -> report"),
 }
+RUNNERS = ("run", "demo")  # commands that drive other stages (never a recipe stage themselves)
 
 
 def _metavar(tp: Any) -> str:

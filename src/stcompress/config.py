@@ -465,6 +465,9 @@ class LoraOptions:
     audio_tower: bool = True  # adapt the audio encoder's linears too (the paper's 2.41% trainable)
     # qlora: peft's prepare_model_for_kbit_training (upcasts non-quantized weights to fp32, in memory only)
     prepare_kbit: bool = True
+    # qlora: components loaded in full precision instead of NF4 (lm_head: transformers' default;
+    # add audio_tower for a frozen encoder whose output train.cache_audio keeps anyway)
+    keep_unquantized: tuple[str, ...] = ("lm_head",)
 
 
 @dataclass(frozen=True)
@@ -559,6 +562,12 @@ class FinetuneConfig:
             out.append("train.lr / weight_decay / warmup_steps / save_every: lr must be positive, the others not negative")
         if self.mode != "full" and (self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1):
             out.append("lora: r must be at least 1, alpha positive and dropout in [0, 1)")
+        from stcompress.model.arch import QUANTIZABLE_COMPONENTS
+
+        for name in self.lora.keep_unquantized:
+            if name not in QUANTIZABLE_COMPONENTS:
+                out.append(f"lora.keep_unquantized: {name!r} is not a quantizable component; use any of "
+                           f"{', '.join(QUANTIZABLE_COMPONENTS)}")
         if not 0 <= kd.ratio <= 1:
             out.append(f"kd.ratio: {kd.ratio} is outside [0, 1]; loss = (1 - ratio) * CE + ratio * KD")
         if kd.temperature <= 0:
@@ -598,6 +607,15 @@ class RunConfig:
         if self.from_stage and self.only:
             out.append("from_stage / only: give one of --from and --only, not both")
         return out
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`stcompress demo`: the whole pipeline, offline on CPU, on the built-in speech-translation task."""
+
+    run_dir: str = "runs/demo"
+    target_lang: Literal["de", "zh"] = "de"
+    fresh: bool = False  # delete run_dir first (otherwise finished stages are skipped, as in `run`)
 
 
 @dataclass(frozen=True)

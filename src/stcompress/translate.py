@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from stcompress.config import GenerationConfig, PromptConfig
-from stcompress.data.audio import SAMPLE_RATE
 from stcompress.data.example import Example
 from stcompress.errors import StcompressError
 from stcompress.metrics.efficiency import speed_report
 from stcompress.model import arch, static_decode
+from stcompress.model.tower_memo import tower_outputs
 from stcompress.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ class Translator:
         generation: GenerationConfig | None = None,
         *,
         progress: bool = True,
+        remember_audio: bool = True,
     ):
+        """`remember_audio`: reuse tower output the same tower computed earlier in this process
+        (`tower_memo`); off where the translation itself is timed (evaluate's segments/s)."""
+        self.remember_audio = remember_audio
         self.model = model
         self.processor = processor
         self.prompt = PromptBuilder(processor, prompt)
@@ -102,21 +106,18 @@ class Translator:
         todo = [ex for ex in examples if ex.id not in cache]
         if not todo:
             return cache
-        extractor = self.processor.feature_extractor
         bar = tqdm(total=len(todo), desc="audio", unit="seg", disable=not self.progress, leave=False)
-        for batch in _chunks(todo, max(1, self.batch_size)):
-            feats = extractor(
-                [ex.audio for ex in batch],
-                sampling_rate=SAMPLE_RATE,
-                padding="max_length",
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            outs = arch.encode_audio(self.model, feats["input_features"], feats["attention_mask"])
-            for ex, emb in zip(batch, outs):
-                cache.embeds[ex.id] = emb
-            bar.update(len(batch))
+        states = tower_outputs(self.model, self.processor.feature_extractor, [ex.audio for ex in todo],
+                               max(1, self.batch_size), on_batch=bar.update, remember=self.remember_audio)
         bar.close()
+        projector = arch.projector(self.model)
+        ref = next(projector.parameters())
+        dtype = arch.audio_tower(self.model).conv1.weight.dtype
+        for start in range(0, len(todo), max(1, self.batch_size)):
+            chunk = range(start, min(start + max(1, self.batch_size), len(todo)))
+            joined = torch.cat([states[i] for i in chunk]).to(device=ref.device, dtype=dtype)
+            for i, emb in zip(chunk, projector(joined).split([states[i].shape[0] for i in chunk])):
+                cache.embeds[todo[i].id] = emb
         return cache
 
     # -- prompt + embeddings ---------------------------------------------------------------

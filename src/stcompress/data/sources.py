@@ -26,12 +26,23 @@ from stcompress.languages import check_language
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("fail", "skip")
-_BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+_DATA_DIR = Path(__file__).resolve().parent
+# Datasets shipped with stcompress: the 12-clip example, and the demo's task (synthesised English
+# speech of 120 short sentences, German / Chinese references; see data/demo/README.md).
+BUILTIN_DATASETS = {
+    "builtin": _DATA_DIR / "builtin" / "manifest.jsonl",
+    "builtin:demo-train": _DATA_DIR / "demo" / "train.jsonl",
+    "builtin:demo-dev": _DATA_DIR / "demo" / "dev.jsonl",
+    "builtin:demo-kd": _DATA_DIR / "demo" / "kd.jsonl",
+    "builtin:demo-test": _DATA_DIR / "demo" / "test.jsonl",
+}
 
 
-def builtin_manifest_path() -> Path:
-    """The manifest of the small example shipped with stcompress (English speech, de/zh refs)."""
-    return _BUILTIN_DIR / "manifest.jsonl"
+def builtin_manifest_path(name: str = "builtin") -> Path:
+    """The manifest of a dataset shipped with stcompress (English speech, de/zh refs)."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"data.dataset: unknown built-in dataset {name!r}; use one of {', '.join(BUILTIN_DATASETS)}")
+    return BUILTIN_DATASETS[name]
 
 
 def load_examples(cfg: DataConfig, *, on_error: str = "fail", require_references: bool = False) -> LoadResult:
@@ -46,8 +57,8 @@ def load_examples(cfg: DataConfig, *, on_error: str = "fail", require_references
     if kind == "hf":
         dataset = load_hf_dataset(cfg.dataset, cfg.hf_config, cfg.split)
         return examples_from_hf(dataset, cfg, on_error=on_error, require_references=require_references, name=cfg.dataset)
-    path = builtin_manifest_path() if kind == "builtin" else Path(cfg.dataset).expanduser()
-    table = read_manifest(path, "tsv" if kind == "tsv" else "jsonl", name="builtin" if kind == "builtin" else None)
+    path = builtin_manifest_path(cfg.dataset) if kind == "builtin" else Path(cfg.dataset).expanduser()
+    table = read_manifest(path, "tsv" if kind == "tsv" else "jsonl", name=cfg.dataset if kind == "builtin" else None)
     return build_examples(table, cfg, on_error=on_error, require_references=require_references)
 
 
@@ -55,7 +66,7 @@ def resolve_format(cfg: DataConfig) -> str:
     """With format "auto", pick by name: builtin, *.jsonl / *.json, *.tsv, else a HF dataset."""
     if cfg.format != "auto":
         return cfg.format
-    if cfg.dataset == "builtin":
+    if cfg.dataset == "builtin" or cfg.dataset.startswith("builtin:"):
         return "builtin"
     suffix = Path(cfg.dataset).suffix.lower()
     if suffix in (".jsonl", ".json"):

@@ -146,14 +146,6 @@ def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_att
     return projector(model)(hidden), out_lengths
 
 
-@torch.no_grad()
-def encode_audio(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
-    """One (n_tokens, hidden) tensor per clip, computed once so that many decoder variants reuse it
-    (decoder-only pruning never changes these features)."""
-    embeds, out_lengths = audio_embeddings(model, input_features, feature_attention_mask)
-    return [embeds[i, : int(n)] for i, n in enumerate(out_lengths.tolist())]
-
-
 # ---------------------------------------------------------------------------------------------
 # Parameter names -> components (sizes per component, 4-bit skip lists)
 

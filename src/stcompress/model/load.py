@@ -102,14 +102,20 @@ def check_options(cfg: ModelConfig, device: torch.device) -> None:
         raise ModelError("model.load_in_4bit: bitsandbytes is not installed; pip install 'stcompress[quant]'")
 
 
-def quantization_config(compute_dtype: torch.dtype) -> Any:
-    """The paper's QLoRA quantization: NF4, double quantization, bf16 compute."""
-    return transformers.BitsAndBytesConfig(
+def quantization_config(compute_dtype: torch.dtype, keep: tuple[str, ...] | None = None) -> Any:
+    """The paper's QLoRA quantization: NF4, double quantization, bf16 compute. `keep`: components
+    left in full precision (None: transformers' default, the LM head)."""
+    from stcompress.model import arch
+
+    q = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+    if keep is not None:
+        q.llm_int8_skip_modules = arch.quantization_skip_patterns(keep)
+    return q
 
 
 def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:

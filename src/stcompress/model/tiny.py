@@ -30,6 +30,8 @@ from stcompress.model.tokenizer import (
     cache_root,
 )
 
+_REAL_IDS = {"pad": PAD_TOKEN_ID, "eos": CHAT_EOS_TOKEN_ID, "audio": AUDIO_TOKEN_ID}
+
 # Bump when build_tiny_model writes different files or weights for the same arguments.
 _FORMAT_VERSION = 1
 
@@ -64,8 +66,16 @@ class TinySpec:
     dtype: torch.dtype = torch.float32
 
 
-def tiny_config(spec: TinySpec) -> Any:
-    """A Qwen2AudioConfig shaped like the 7B model (untied head, rope 10000), only smaller."""
+def padded_vocab(n_ids: int) -> int:
+    """Embedding rows for `n_ids` token ids, padded to a multiple of 64 like the real checkpoint."""
+    return -(-n_ids // 64) * 64
+
+
+def tiny_config(spec: TinySpec, *, vocab_size: int = TINY_VOCAB_SIZE, ids: dict[str, int] | None = None) -> Any:
+    """A Qwen2AudioConfig shaped like the 7B model (untied head, rope 10000), only smaller.
+
+    `vocab_size` / `ids` (pad, eos, audio: `tokenizer.token_ids`) for a trimmed vocabulary."""
+    ids = ids or _REAL_IDS
     from transformers import Qwen2AudioConfig
 
     audio = dict(
@@ -75,16 +85,16 @@ def tiny_config(spec: TinySpec) -> Any:
         max_source_positions=1500, activation_function="gelu", scale_embedding=False,
     )
     text = dict(
-        model_type="qwen2", vocab_size=TINY_VOCAB_SIZE, hidden_size=spec.hidden_size,
+        model_type="qwen2", vocab_size=vocab_size, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, hidden_act="silu",
         max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_sliding_window=False,
-        bos_token_id=PAD_TOKEN_ID, eos_token_id=CHAT_EOS_TOKEN_ID,
+        bos_token_id=ids["pad"], eos_token_id=ids["eos"],
     )
     # `audio_token_index` is the stored name in 4.5x and 5.x; both map `audio_token_id` onto it.
     return Qwen2AudioConfig(
-        audio_config=audio, text_config=text, audio_token_index=AUDIO_TOKEN_ID, tie_word_embeddings=False
+        audio_config=audio, text_config=text, audio_token_index=ids["audio"], tie_word_embeddings=False
     )
 
 
@@ -132,12 +142,12 @@ def _feature_extractor(num_mel_bins: int) -> Any:
     )
 
 
-def _generation_config() -> Any:
+def _generation_config(ids: dict[str, int] | None = None) -> Any:
     from transformers import GenerationConfig
 
+    ids = ids or _REAL_IDS
     return GenerationConfig(
-        bos_token_id=PAD_TOKEN_ID, eos_token_id=[CHAT_EOS_TOKEN_ID, PAD_TOKEN_ID],
-        pad_token_id=PAD_TOKEN_ID, do_sample=False,
+        bos_token_id=ids["pad"], eos_token_id=[ids["eos"], ids["pad"]], pad_token_id=ids["pad"], do_sample=False,
     )
 
 
@@ -198,8 +208,14 @@ def tiny_model_cache(**spec: Any) -> Path:
 
 
 def resolve_builtin(name: str) -> Path:
-    """Path of a built-in model such as `tiny-random` (what `builtin:tiny-random` points to)."""
+    """Path of a built-in model such as `tiny-random` (what `builtin:tiny-random` points to).
+
+    `builtin:demo-base` is the offline demo's untrained model (real Whisper tiny.en encoder)."""
+    if name == "demo-base":
+        from stcompress.model.whisper_init import demo_base_model
+
+        return demo_base_model()
     if name not in BUILTIN_MODELS:
-        known = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        known = ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, "demo-base"])
         raise ModelError(f"model.path: unknown built-in model builtin:{name}; use one of {known}")
     return tiny_model_cache(**BUILTIN_MODELS[name])

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,17 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# Qwen2-Audio-7B-Instruct's added tokens, right after the 151,643 BPE ranks.
-SPECIAL_TOKENS: dict[str, int] = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|AUDIO|>": 151646,
-    "<|audio_bos|>": 151647,
-    "<|audio_eos|>": 151648,
-}
+_SPECIAL_NAMES = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+QWEN_BPE_RANKS = 151643
+
+
+def special_tokens(first_id: int = QWEN_BPE_RANKS) -> dict[str, int]:
+    """Qwen2-Audio's added tokens, in order, right after the BPE ranks (151,643 for the real vocabulary)."""
+    return {name: first_id + i for i, name in enumerate(_SPECIAL_NAMES)}
+
+
+# Qwen2-Audio-7B-Instruct's added tokens at their real ids.
+SPECIAL_TOKENS: dict[str, int] = special_tokens()
 AUDIO_TOKEN_ID = SPECIAL_TOKENS["<|AUDIO|>"]
 PAD_TOKEN_ID = SPECIAL_TOKENS["<|endoftext|>"]
 CHAT_EOS_TOKEN_ID = SPECIAL_TOKENS["<|im_end|>"]
@@ -149,6 +151,40 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
     return vocab, [(text(left), text(right)) for *_, left, right in merges]
 
 
+def bpe_steps(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Every token tiktoken's merging creates while encoding `piece` (a pre-tokenized word), in order:
+    repeatedly merge the adjacent pair whose concatenation has the lowest rank."""
+    parts, made = [bytes([b]) for b in piece], []
+    while len(parts) > 1:
+        best, where = None, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best is None or rank < best):
+                best, where = rank, i
+        if best is None:
+            break
+        parts[where : where + 2] = [parts[where] + parts[where + 1]]
+        made.append(parts[where])
+    return made
+
+
+def trim_ranks(ranks: dict[bytes, int], tokens: set[bytes]) -> dict[bytes, int]:
+    """A smaller BPE that encodes text made of `tokens` exactly as the full one does.
+
+    Keeps the 256 single bytes (any text stays encodable, byte by byte), the given tokens and every
+    token merged on the way to them; ranks are renumbered 0..K-1 in the original order. Merging
+    with a subset of the ranks takes the same steps for those tokens: each step's lowest-rank pair is
+    one of the kept intermediates, and pairs that were dropped were never the lowest.
+    """
+    keep = {bytes([b]) for b in range(256)}
+    for token in tokens:
+        if token not in ranks:
+            raise ValueError(f"trim_ranks: {token!r} is not a token of the vocabulary")
+        keep.add(token)
+        keep.update(bpe_steps(token, ranks))
+    return {token: i for i, token in enumerate(sorted(keep, key=ranks.__getitem__))}
+
+
 def build_backend(ranks: dict[bytes, int]) -> Any:
     """A `tokenizers.Tokenizer` laid out like Qwen2's tokenizer.json."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -164,26 +200,27 @@ def build_backend(ranks: dict[bytes, int]) -> Any:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    for content, token_id in sorted(SPECIAL_TOKENS.items(), key=lambda kv: kv[1]):
+    for content, token_id in special_tokens(len(ranks)).items():
         tok.add_special_tokens([AddedToken(content, normalized=False, special=True)])
         if tok.token_to_id(content) != token_id:
             raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {token_id}; is qwen.tiktoken complete?")
     return tok
 
 
-def tokenizer_config() -> dict[str, Any]:
+def tokenizer_config(specials: dict[str, int] | None = None) -> dict[str, Any]:
     """tokenizer_config.json as the Qwen2 Instruct checkpoints write it (readable by 4.5x and 5.x)."""
+    specials = specials or SPECIAL_TOKENS
     added = {
         str(token_id): {
             "content": content, "lstrip": False, "normalized": False, "rstrip": False,
             "single_word": False, "special": True,
         }
-        for content, token_id in SPECIAL_TOKENS.items()
+        for content, token_id in specials.items()
     }
     return {
         "tokenizer_class": "Qwen2Tokenizer",
         "added_tokens_decoder": added,
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|endoftext|>"],
+        "additional_special_tokens": [t for t in specials if t != "<|endoftext|>"],
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
@@ -197,26 +234,58 @@ def tokenizer_config() -> dict[str, Any]:
     }
 
 
-def _cache_key(path: Path) -> str:
+def _cache_key(path: Path, keep: Sequence[bytes] = ()) -> str:
     h = hashlib.sha256(path.read_bytes())
-    h.update(json.dumps([SPECIAL_TOKENS, QWEN2_PRETOKENIZE_REGEX, QWEN2_AUDIO_CHAT_TEMPLATE, _FORMAT_VERSION]).encode())
+    h.update(json.dumps([_SPECIAL_NAMES, QWEN2_PRETOKENIZE_REGEX, QWEN2_AUDIO_CHAT_TEMPLATE, _FORMAT_VERSION]).encode())
+    for token in keep:
+        h.update(len(token).to_bytes(2, "little") + token)
     return h.hexdigest()[:16]
 
 
-def tokenizer_dir() -> Path:
-    """A cached directory with tokenizer.json + tokenizer_config.json, built on first use."""
+def _token_bytes(texts: Sequence[str]) -> set[bytes]:
+    """The BPE tokens the full Qwen tokenizer splits `texts` into (special tokens left out)."""
+    full = build_qwen2_audio_tokenizer()
+    backend = full.backend_tokenizer
+    decode = {c: b for b, c in _byte_to_unicode().items()}
+    out: set[bytes] = set()
+    for text in texts:
+        for token_id in backend.encode(text, add_special_tokens=False).ids:
+            token = backend.id_to_token(token_id)
+            if token not in SPECIAL_TOKENS:
+                out.add(bytes(decode[c] for c in token))
+    return out
+
+
+def tokenizer_dir(keep_texts: Sequence[str] | None = None) -> Path:
+    """A cached directory with tokenizer.json + tokenizer_config.json, built on first use.
+
+    `keep_texts`: a trimmed vocabulary (see `trim_ranks`) that encodes these texts exactly like the
+    full tokenizer, with ids renumbered 0..K-1 and the special tokens right after.
+    """
     source = tiktoken_file()
-    final = cache_root() / f"tokenizer-{_cache_key(source)}"
+    keep = sorted(_token_bytes(keep_texts)) if keep_texts else []
+    final = cache_root() / f"tokenizer-{_cache_key(source, keep)}{'-trimmed' if keep else ''}"
     if (final / "tokenizer.json").is_file():
         return final
+    ranks = load_ranks(source)
+    if keep:
+        ranks = trim_ranks(ranks, set(keep))
     with atomic_dir(final) as tmp:
-        build_backend(load_ranks(source)).save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False))
+        build_backend(ranks).save(str(tmp / "tokenizer.json"))
+        config = tokenizer_config(special_tokens(len(ranks)))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return final
 
 
-def build_qwen2_audio_tokenizer() -> Any:
-    """The Qwen2-Audio-7B-Instruct tokenizer (a `Qwen2TokenizerFast`; `Qwen2Tokenizer` in 5.x)."""
+def build_qwen2_audio_tokenizer(keep_texts: Sequence[str] | None = None) -> Any:
+    """The Qwen2-Audio-7B-Instruct tokenizer (a `Qwen2TokenizerFast`; `Qwen2Tokenizer` in 5.x), or
+    with `keep_texts` a trimmed vocabulary for small models (the offline demo's)."""
     from transformers import Qwen2TokenizerFast
 
-    return Qwen2TokenizerFast.from_pretrained(str(tokenizer_dir()))
+    return Qwen2TokenizerFast.from_pretrained(str(tokenizer_dir(keep_texts)))
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    """Ids of the special tokens a model config needs (pad / bos, chat end, audio placeholder)."""
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in _SPECIAL_NAMES}
+    return {"pad": ids["<|endoftext|>"], "eos": ids["<|im_end|>"], "audio": ids["<|AUDIO|>"]}

@@ -220,31 +220,65 @@ def demo_spec(dims: EncoderDims, **decoder: Any) -> Any:
     )
 
 
-def build_demo_model(whisper_path: str | Path | None = None, *, seed: int = 0, **decoder: Any) -> tuple[nn.Module, Any]:
+def build_demo_model(whisper_path: str | Path | None = None, *, seed: int = 0, keep_texts: Any = None,
+                     **decoder: Any) -> tuple[nn.Module, Any]:
     """A small Qwen2-Audio (model, processor) whose audio tower is a real Whisper encoder.
 
     `decoder` takes TinySpec's decoder fields (text_layers, hidden_size, intermediate_size,
-    num_heads, num_kv_heads); the tower's shape comes from the Whisper file. The decoder and
-    projector get transformers' own init (std 0.02), not tiny.py's fan-in init, because they are
-    trained; LM-head rows of unused padding ids are zeroed so they never win a greedy step.
+    num_heads, num_kv_heads); the tower's shape comes from the Whisper file. `keep_texts`: a
+    trimmed vocabulary that encodes these texts like the full Qwen tokenizer (151k embedding rows
+    would dominate a model this small). The decoder and projector get transformers' own init (std
+    0.02), not tiny.py's fan-in init, because they are trained; LM-head rows of unused padding ids
+    are zeroed so they never win a greedy step.
     """
     from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
-    from stcompress.model.tiny import _feature_extractor, _generation_config, tiny_config
-    from stcompress.model.tokenizer import QWEN2_AUDIO_CHAT_TEMPLATE, build_qwen2_audio_tokenizer
+    from stcompress.model.tiny import _feature_extractor, _generation_config, padded_vocab, tiny_config
+    from stcompress.model.tokenizer import QWEN2_AUDIO_CHAT_TEMPLATE, build_qwen2_audio_tokenizer, token_ids
 
     path = Path(whisper_path) if whisper_path is not None else default_whisper_path()
     dims = encoder_dims(read_ct2(path))
     spec = demo_spec(dims, seed=seed, **decoder)
-    tokenizer = build_qwen2_audio_tokenizer()
+    tokenizer = build_qwen2_audio_tokenizer(keep_texts)
+    ids = token_ids(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(tiny_config(spec))
+    model = Qwen2AudioForConditionalGeneration(tiny_config(spec, vocab_size=padded_vocab(len(tokenizer)), ids=ids))
     load_whisper_encoder_into(model, path)
     with torch.no_grad():
         arch.lm_head(model).weight[len(tokenizer):].zero_()
-    model.generation_config = _generation_config()
+    model.generation_config = _generation_config(ids)
     processor = Qwen2AudioProcessor(
         feature_extractor=_feature_extractor(dims.num_mel_bins), tokenizer=tokenizer,
         chat_template=QWEN2_AUDIO_CHAT_TEMPLATE,
     )
     return model.eval(), processor
+
+
+# The demo's untrained base model: Whisper tiny.en encoder + a 4-layer, 256-wide Qwen2 decoder.
+DEMO_DECODER = dict(text_layers=4, hidden_size=256, intermediate_size=768, num_heads=4, num_kv_heads=2)
+_DEMO_FORMAT = 1
+
+
+def demo_base_model() -> Path:
+    """`builtin:demo-base`: the demo's base model, built once per cache dir (needs the Whisper file)."""
+    import hashlib
+    import json
+
+    import transformers
+
+    from stcompress.data.demo import vocabulary_texts
+    from stcompress.model.save import save_model
+    from stcompress.model.tokenizer import atomic_dir, cache_root
+
+    path = default_whisper_path()
+    texts = vocabulary_texts()
+    key = hashlib.sha256(json.dumps([DEMO_DECODER, texts, _DEMO_FORMAT, transformers.__version__.split(".")[0],
+                                     path.stat().st_size if path.is_file() else 0]).encode()).hexdigest()[:16]
+    final = cache_root() / f"demo-base-{key}"
+    if (final / "config.json").is_file():
+        return final
+    model, processor = build_demo_model(path, keep_texts=texts, **DEMO_DECODER)
+    with atomic_dir(final) as tmp:
+        save_model(model, processor, tmp)
+        (tmp / "stcompress_demo.json").write_text(json.dumps({"whisper": str(path), "decoder": DEMO_DECODER}, indent=2))
+    return final

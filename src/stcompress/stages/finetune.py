@@ -158,8 +158,15 @@ def load_student(cfg: FinetuneConfig, path: str, device: torch.device) -> Loaded
     """fp32 master weights for full fine-tuning (bf16 autocast on GPU); bf16 or NF4 bases for LoRA."""
     dtype = "float32" if cfg.mode == "full" and cfg.model.dtype == "auto" else cfg.model.dtype
     device_name = str(device) if cfg.model.device == "auto" else cfg.model.device
+    quantization = None
+    if cfg.mode == "qlora":
+        from stcompress.model.load import quantization_config
+
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        keep = None if tuple(cfg.lora.keep_unquantized) == ("lm_head",) else cfg.lora.keep_unquantized  # transformers' own default
+        quantization = quantization_config(compute, keep=keep)
     return load_model(dataclasses.replace(cfg.model, path=path, dtype=dtype, device=device_name,
-                                          load_in_4bit=cfg.mode == "qlora"))
+                                          load_in_4bit=cfg.mode == "qlora"), quantization=quantization)
 
 
 def prepare_student(cfg: FinetuneConfig, loaded: LoadedModel) -> tuple[torch.nn.Module, dict[str, Any] | None]:

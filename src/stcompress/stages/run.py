@@ -52,9 +52,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 def stage_types() -> dict[str, type]:
     """Stage type -> config class: every CLI command except the runner itself."""
-    from stcompress.cli import COMMANDS
+    from stcompress.cli import COMMANDS, RUNNERS
 
-    return {name: cmd.config_cls for name, cmd in COMMANDS.items() if name != "run"}
+    return {name: cmd.config_cls for name, cmd in COMMANDS.items() if name not in RUNNERS}
 
 
 @dataclass
@@ -277,6 +277,8 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
     _save_plan(recipe, plan)
     if _manifest_hash(step.output) is not None and step.output.is_dir():
         shutil.rmtree(step.output)  # a complete but stale output: some stages refuse to overwrite one
+    for stale in step.output.parent.glob(f".{step.output.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # the staging directory of an attempt that was killed
     log.info("stage %s (%s) -> %s", step.name, step.stage, step.output)
     t0 = time.perf_counter()
     try:

@@ -13,7 +13,6 @@ forward pass instead of mel features: same numbers, no tower or feature-extracto
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from stcompress.data.audio import SAMPLE_RATE
-from stcompress.model import arch
+from stcompress.model.tower_memo import clip_key, tower_outputs
 from stcompress.data.training import TrainItem
 from stcompress.errors import DataError
 from stcompress.prompt import IGNORE_INDEX, PromptBuilder, num_audio_tokens
@@ -98,11 +97,6 @@ def encode_items(
     return out, report
 
 
-def clip_key(audio: Any) -> str:
-    """Identity of a clip's samples: items sharing audio (references, KD targets, repeats) share it."""
-    return hashlib.sha1(memoryview(audio).cast("B")).hexdigest()
-
-
 class TowerCache:
     """Audio-tower output per distinct clip, computed once with the tower frozen (no gradients).
 
@@ -120,24 +114,14 @@ class TowerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
 
-    @torch.no_grad()
     def fill(self, model: Any, feature_extractor: Any, items: Sequence[Encoded], batch_size: int = 16) -> None:
         todo: dict[str, Any] = {}
         for e in items:
             key = clip_key(e.item.example.audio)
             if key not in self.store:
                 todo.setdefault(key, e.item.example.audio)
-        # Similar lengths together: the tower runs up to the longest clip of each batch.
-        order = sorted(todo, key=lambda k: len(todo[k]))
-        for i in range(0, len(order), batch_size):
-            keys = order[i : i + batch_size]
-            feats = feature_extractor(
-                [todo[k] for k in keys], sampling_rate=SAMPLE_RATE, padding="max_length",
-                truncation=True, return_attention_mask=True, return_tensors="pt",
-            )
-            states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
-            for k, h, n in zip(keys, states, lengths.tolist()):
-                self.store[k] = h[:n].detach().to("cpu").clone()
+        outs = tower_outputs(model, feature_extractor, list(todo.values()), batch_size)
+        self.store.update(zip(todo, outs))
 
     def states(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.store[k] for k in keys]

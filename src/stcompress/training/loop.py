@@ -263,6 +263,18 @@ class Trainer:
         return loader, len(todo)
 
     def fit(self) -> ckpt.TrainerState:
+        # On CPU, once the loss is small, gradients and Adam moments turn subnormal and every step
+        # gets ~10x slower (measured on the demo model: 0.3 s -> 5 s a step); flush them to zero.
+        on_cpu = self.acc.device.type == "cpu"
+        if on_cpu:
+            torch.set_flush_denormal(True)
+        try:
+            return self._fit()
+        finally:
+            if on_cpu:
+                torch.set_flush_denormal(False)
+
+    def _fit(self) -> ckpt.TrainerState:
         s, t, dev = self.state, self.cfg.train, self.cfg.dev
         bar = tqdm(total=self.total, initial=s.step, desc="finetune", unit="step", disable=not self.progress)
         self.model.train()

@@ -1,0 +1,130 @@
+"""Audio-tower output remembered across the stages of one process.
+
+Decoder-only compression never changes the audio tower, and a frozen tower stays the same through
+fine-tuning, so in one `stcompress run` the same tower often encodes the same clips again and
+again: the teacher's evaluation, the importance search, pruning checks, KD translation, training
+caches. `tower_outputs` looks clips up by (tower fingerprint, clip samples) first and runs the tower
+only on the rest. The fingerprint is the SHA-256 of every tower tensor's bytes plus the feature
+extractor's settings, so any change to the tower (training, a LoRA merge, another dtype) is a miss,
+never a stale hit. 4-bit towers are not remembered (their packed weights and quantization state are
+not plain tensors). Memory is bounded (STCOMPRESS_TOWER_MEMO_MB, default 2048; 0 turns it off);
+the least recently used clips go first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stcompress.data.audio import SAMPLE_RATE
+from stcompress.model import arch
+
+MEMO_ENV = "STCOMPRESS_TOWER_MEMO_MB"
+
+
+def clip_key(audio: np.ndarray) -> str:
+    """Identity of a clip's samples: items sharing audio (references, KD targets, repeats) share it."""
+    return hashlib.sha1(np.ascontiguousarray(audio).view(np.uint8)).hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+class TowerMemo:
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.store: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        # tower module -> (tensor identities and versions, fingerprint); weak, so a freed model's
+        # entry can never be mistaken for a new model that reuses its memory.
+        self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str | None]] = weakref.WeakKeyDictionary()
+
+    def fingerprint(self, model: nn.Module, extractor: Any) -> str | None:
+        """SHA-256 of the tower's tensors and the extractor's settings; None for 4-bit towers."""
+        tower = arch.audio_tower(model)
+        tensors = list(tower.state_dict().items())
+        # Tensor versions change on every in-place update (optimizer steps, merges): recompute then.
+        versions = tuple((t.data_ptr(), t._version) for _, t in tensors) + (id(extractor),)
+        cached = self._fingerprints.get(tower)
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        if any(type(m).__module__.startswith("bitsandbytes") for m in tower.modules()):
+            fp = None
+        else:
+            h = hashlib.sha256()
+            settings = {k: getattr(extractor, k, None) for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "n_samples")}
+            h.update(json.dumps([type(extractor).__name__, settings], sort_keys=True).encode())
+            for name, t in tensors:
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(_tensor_bytes(t))
+            fp = h.hexdigest()
+        self._fingerprints[tower] = (versions, fp)
+        return fp
+
+    def get(self, fp: str, key: str) -> torch.Tensor | None:
+        out = self.store.get((fp, key))
+        if out is not None:
+            self.store.move_to_end((fp, key))
+        return out
+
+    def put(self, fp: str, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.limit or (fp, key) in self.store:
+            return
+        self.store[(fp, key)] = value
+        self.nbytes += size
+        while self.nbytes > self.limit:
+            _, old = self.store.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self.store.clear()
+        self._fingerprints.clear()
+        self.nbytes = self.hits = self.misses = 0
+
+
+MEMO = TowerMemo(int(float(os.environ.get(MEMO_ENV, "2048")) * 2**20))
+
+
+@torch.no_grad()
+def tower_outputs(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray], batch_size: int = 16,
+                  on_batch: Any = None, remember: bool = True) -> list[torch.Tensor]:
+    """Audio-tower output per clip, (n_audio_tokens, d_audio) on the CPU, from MEMO where possible.
+
+    Clips run through the tower in batches of similar length (it runs up to the longest clip of a
+    batch); `on_batch(n)` is called with the number of clips each batch finished (progress bars).
+    """
+    fp = MEMO.fingerprint(model, extractor) if remember and MEMO.limit > 0 else None
+    keys = [clip_key(a) for a in audios]
+    out: list[torch.Tensor | None] = [MEMO.get(fp, k) if fp else None for k in keys]
+    todo = sorted((i for i, o in enumerate(out) if o is None), key=lambda i: len(audios[i]))
+    MEMO.hits += len(audios) - len(todo)
+    MEMO.misses += len(todo)
+    if on_batch is not None and len(audios) > len(todo):
+        on_batch(len(audios) - len(todo))
+    for start in range(0, len(todo), max(1, batch_size)):
+        idx = todo[start : start + batch_size]
+        feats = extractor([audios[i] for i in idx], sampling_rate=SAMPLE_RATE, padding="max_length",
+                          truncation=True, return_attention_mask=True, return_tensors="pt")
+        states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
+        for i, h, n in zip(idx, states, lengths.tolist()):
+            out[i] = h[:n].to("cpu").clone()
+            if fp:
+                MEMO.put(fp, keys[i], out[i])
+        if on_batch is not None:
+            on_batch(len(idx))
+    return out  # type: ignore[return-value]
