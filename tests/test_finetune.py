@@ -297,6 +297,17 @@ def test_cached_tower_output_trains_exactly_like_the_live_tower(tmp_path, manife
     assert any("train.cache_audio: needs train.freeze_audio_tower" in p for p in problems)
 
 
+def test_a_kill_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp_path):
+    from stcompress.training import checkpoint as ckpt
+
+    old = tmp_path / "last.old"
+    old.mkdir()
+    (old / ckpt.STATE_FILE).write_text(json.dumps(ckpt.TrainerState(config={"a": 1}, step=7).to_json()))
+    state = ckpt.read_state(tmp_path)  # `last` is gone: the kill came after last -> last.old
+    assert state is not None and state.step == 7 and (tmp_path / "last" / ckpt.STATE_FILE).is_file()
+    assert not old.exists() and ckpt.read_state(tmp_path / "nothing") is None
+
+
 def test_full_finetune_with_kd_dev_and_reload(tmp_path, manifest, tiny_model_dir):
     cfg = _cfg(tmp_path, manifest, mode="full", **{
         "train.max_steps": "2", "train.lr": "1e-3", "dev.dataset": str(manifest), "dev.chrf_segments": "1",

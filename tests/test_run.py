@@ -77,6 +77,21 @@ def test_references_defaults_and_outputs(tmp_path, tiny_model_dir):
     assert ev.config.model.path == str(tiny_model_dir)  # defaults reach every stage that has the section
 
 
+def test_the_recipe_language_reaches_finetune_mix_entries(tmp_path):
+    recipe = {
+        "run_dir": str(tmp_path / "run"),
+        "defaults": {"data": {"target_lang": "zh", "limit": 3}},
+        "stages": [{"name": "ft", "stage": "finetune", "config": {"datasets": [
+            {"data": {"dataset": "builtin"}},
+            {"data": {"dataset": "builtin", "target_lang": "de"}},
+        ]}}],
+    }
+    (ft,) = runner.parse_recipe(tmp_path / "r.yaml", recipe).steps
+    first, second = (mix.data for mix in ft.config.datasets)
+    assert (first.target_lang, second.target_lang) == ("zh", "de")  # an entry's own language wins
+    assert first.limit is None and ft.config.data.limit == 3  # other data defaults stay out of the mix
+
+
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
     path = _recipe(tmp_path, tiny_model_dir)
     assert cli.main(["run", str(path), "--dry-run", "-q"]) == 0

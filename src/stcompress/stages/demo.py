@@ -29,11 +29,11 @@ EVALS = ("teacher-eval", "pruned-eval", "final-eval")
 ABOUT = """\
 What this demo is: every stcompress stage run for real, on CPU, on a task small enough to learn in a
 minute: 120 short English sentences about this project, spoken by text-to-speech voices (piper,
-flite), with {lang} translations written for this project. The model has Qwen2-Audio's layout (a real Whisper
-tiny.en encoder, a 4-layer decoder trained here from random weights, 12.5M parameters), so the same
-code paths run as for Qwen2-Audio-7B-Instruct: teacher fine-tuning, greedy layer-importance search,
-pruning, KD data from the teacher, full fine-tuning and QLoRA healing, export with a reload check,
-evaluation, report.
+flite), with {lang} translations written for this project. The model has Qwen2-Audio's layout (a
+real Whisper tiny.en encoder, a 4-layer decoder trained here from random weights, 12.5M parameters),
+so the same code paths run as for Qwen2-Audio-7B-Instruct: teacher fine-tuning, greedy
+layer-importance search, pruning, KD data from the teacher, full fine-tuning and QLoRA healing,
+export with a reload check, evaluation, report.
 What it is not: a speech translator. The test voice was never heard in training, but 100 of its 120
 sentences were (scores on the 20 new sentences are printed apart, and are far lower). The numbers
 show that the pipeline works end to end, not what the 7B model will score: for that, run

@@ -15,7 +15,8 @@ References: inside any string of a stage config, `${NAME}` is the output directo
 stage NAME, `${NAME.SUB}` the path SUB inside it (`${teacher.model}` = <run_dir>/teacher/model),
 and `${run_dir}` the run directory (a stage using it counts as reading every earlier stage). A
 stage's `output` is always <run_dir>/<name>. `defaults` sections are merged under each stage's
-config (top-level sections only, not into finetune's `datasets` list): keys the stage sets win.
+config (top-level sections only; of `data`, only `target_lang` reaches the entries of finetune's
+`datasets` list that set none): keys the stage sets win.
 
 Skip-on-unchanged: <run_dir>/plan.json records, per finished stage, the hash of its resolved config,
 the hashes of the manifests of the stages it references, and the hash of its own manifest. A stage
@@ -91,6 +92,21 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _inherit_language(config: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A finetune `datasets` entry without its own data.target_lang takes the recipe's default one.
+
+    Other data defaults (dataset, split, sizes) describe the main dataset and stay out of a mix;
+    the language is the run's, and a mix entry silently training on another one is never wanted.
+    """
+    lang = (defaults.get("data") or {}).get("target_lang")
+    mixes = config.get("datasets")
+    if lang is None or not isinstance(mixes, list):
+        return
+    for mix in mixes:
+        if isinstance(mix, dict) and isinstance(mix.get("data"), dict) and "target_lang" not in mix["data"]:
+            mix["data"] = {**mix["data"], "target_lang": lang}
 
 
 def _substitute(value: Any, refs: dict[str, Path], where: str, problems: list[str], used: list[str]) -> Any:
@@ -171,6 +187,7 @@ def parse_recipe(path: str | Path, data: dict[str, Any] | None = None) -> Recipe
         seen.add(name)
         fields = {f for f in cls.__dataclass_fields__}
         merged = _merge({k: v for k, v in defaults.items() if k in fields}, entry.get("config") or {})
+        _inherit_language(merged, defaults)
         used: list[str] = []
         resolved = _substitute(merged, refs, f"{name}.config", problems, used)
         output = Path(run_dir) / name

@@ -147,7 +147,17 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, state: TrainerState) -> No
     log.debug("checkpoint at step %d -> %s", state.step, ckpt_dir / LAST)
 
 
+def _recover(final: Path) -> None:
+    """A kill between `_replace_dir`'s two renames leaves only `<final>.old`: the previous complete
+    checkpoint. Put it back, rather than silently training from step 0."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and (old / STATE_FILE).is_file():
+        os.replace(old, final)
+        log.warning("checkpoint: %s was mid-replacement when the run stopped; using the previous one", final)
+
+
 def read_state(ckpt_dir: Path) -> TrainerState | None:
+    _recover(ckpt_dir / LAST)
     path = ckpt_dir / LAST / STATE_FILE
     if not path.is_file():
         return None
