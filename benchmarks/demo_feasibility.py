@@ -9,7 +9,7 @@ sets: other sentences (same voice), the training sentences spoken by an unseen v
 Each score comes with its chance level: the same hypotheses scored against shuffled references
 (what vocabulary overlap alone earns). `--random-tower` is the ablation without Whisper weights.
 
-    python scripts/make_demo_corpus.py --voices joe,awb,slt --out /tmp/demo-corpus
+    python scripts/make_demo_corpus.py --full joe,awb,slt --out /tmp/demo-corpus
     python benchmarks/demo_feasibility.py --corpus /tmp/demo-corpus --train-voices joe,awb \
         --test-voices slt --checkpoints 300,600 --out /tmp/feasibility.json
 

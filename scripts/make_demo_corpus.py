@@ -25,7 +25,8 @@ Writes, in the layout the package ships (src/stcompress/data/demo/, the default 
     dev.jsonl    kal16 x every 5th sentence (24)                  (importance search, checks)
     kd.jsonl     kal16 x the 100 training sentences               (audio the teacher labels for KD)
     test.jsonl   slt x all 120 sentences (20 never in training)   (evaluation; voice never trained on)
-Each manifest row: id, audio, voice, sentence, seen_in_training, text_en, text_de, text_zh.
+Each manifest row: id, audio, voice, sentence, split, seen_in_training, text_en, text_de, text_zh.
+`--full joe,awb,slt --out DIR`: every sentence in each voice, one DIR/manifest.jsonl (feasibility runs).
 """
 
 from __future__ import annotations
@@ -224,6 +225,9 @@ def main() -> None:
     parser.add_argument("--format", choices=["flac", "opus"], default="opus")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--texts-only", action="store_true", help="write sentences.jsonl only (no audio)")
+    parser.add_argument("--full", metavar="VOICES", default=None,
+                        help="instead: every sentence in each of these voices (e.g. joe,awb,rms,kal16,slt) and one "
+                             "manifest.jsonl with split and voice (what benchmarks/demo_feasibility.py reads)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -232,7 +236,8 @@ def main() -> None:
     write_jsonl(args.out / "sentences.jsonl", sentences)
     if args.texts_only:
         return
-    needed = {(voice, n) for voices, keep in SPLITS.values() for voice in voices for n in range(1, len(sentences) + 1) if keep(n)}
+    splits = SPLITS if args.full is None else {"manifest": (tuple(args.full.split(",")), lambda n: True)}
+    needed = {(voice, n) for voices, keep in splits.values() for voice in voices for n in range(1, len(sentences) + 1) if keep(n)}
     piper_voice = find_piper_voice(args.piper) if any(v == "joe" for v, _ in needed) else None
     suffix, fmt, subtype = {"flac": ("flac", "FLAC", "PCM_16"), "opus": ("ogg", "OGG", "OPUS")}[args.format]
     total = 0
@@ -244,16 +249,16 @@ def main() -> None:
             clip = args.out / "audio" / f"{row['sentence']}-{voice}.{suffix}"
             sf.write(clip, load_audio(wav), SAMPLE_RATE, format=fmt, subtype=subtype)  # mono, 16 kHz
             total += clip.stat().st_size
-    for split, (voices, keep) in SPLITS.items():
+    for split, (voices, keep) in splits.items():
         rows = [
             {"id": f"{row['sentence']}-{voice}", "audio": f"audio/{row['sentence']}-{voice}.{suffix}", "voice": voice,
-             "sentence": row["sentence"], "seen_in_training": row["split"] == "train",
+             "sentence": row["sentence"], "split": row["split"], "seen_in_training": row["split"] == "train",
              **{k: row[k] for k in ("text_en", "text_de", "text_zh")}}
             for voice in voices for n, row in enumerate(sentences, start=1) if keep(n)
         ]
         write_jsonl(args.out / f"{split}.jsonl", rows)
     logger.info("wrote %d clips (%.2f MB) and %s to %s", len(needed), total / 1e6,
-                ", ".join(f"{s}.jsonl" for s in SPLITS), args.out)
+                ", ".join(f"{s}.jsonl" for s in splits), args.out)
 
 
 if __name__ == "__main__":
