@@ -21,7 +21,8 @@ from stcompress.errors import ConfigError
 @dataclass(frozen=True)
 class ModelConfig:
     # A hub id (Qwen/Qwen2-Audio-7B-Instruct), a local directory (ours included), or
-    # "builtin:tiny-random", a tiny random-weight model built offline for demos and tests.
+    # "builtin:tiny-random" (a tiny random-weight model for tests) or "builtin:demo-base" (the demo's
+    # untrained model: Whisper tiny.en encoder + small decoder), both built offline.
     path: str = "builtin:tiny-random"
     # auto: bf16 on GPU, fp32 on CPU; checkpoint: the dtype the weights were saved in
     dtype: Literal["auto", "checkpoint", "bfloat16", "float16", "float32"] = "auto"
@@ -603,7 +604,7 @@ class RunConfig:
     def problems(self) -> list[str]:
         out = []
         if not self.recipe:
-            out.append("recipe: required; give a recipe file (stcompress run recipes/demo.yaml)")
+            out.append("recipe: required; give a recipe file (stcompress run recipes/de-model-b.yaml)")
         if self.from_stage and self.only:
             out.append("from_stage / only: give one of --from and --only, not both")
         return out
