@@ -110,13 +110,10 @@ class Translator:
         states = tower_outputs(self.model, self.processor.feature_extractor, [ex.audio for ex in todo],
                                max(1, self.batch_size), on_batch=bar.update, remember=self.remember_audio)
         bar.close()
-        projector = arch.projector(self.model)
-        ref = next(projector.parameters())
-        dtype = arch.audio_tower(self.model).conv1.weight.dtype
         for start in range(0, len(todo), max(1, self.batch_size)):
             chunk = range(start, min(start + max(1, self.batch_size), len(todo)))
-            joined = torch.cat([states[i] for i in chunk]).to(device=ref.device, dtype=dtype)
-            for i, emb in zip(chunk, projector(joined).split([states[i].shape[0] for i in chunk])):
+            joined = arch.project_audio(self.model, torch.cat([states[i] for i in chunk]))
+            for i, emb in zip(chunk, joined.split([states[i].shape[0] for i in chunk])):
                 cache.embeds[todo[i].id] = emb
         return cache
 

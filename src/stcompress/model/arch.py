@@ -136,14 +136,11 @@ def tower_states(model: nn.Module, input_features: torch.Tensor, feature_attenti
     return x, out_lengths
 
 
-def audio_embeddings(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Audio tower + projector for a batch of mel features: (B, max tokens, hidden) and tokens per clip.
-
-    The same numbers as Qwen2AudioForConditionalGeneration.forward (see `tower_states`);
-    gradients flow when enabled, for training.
-    """
-    hidden, out_lengths = tower_states(model, input_features, feature_attention_mask)
-    return projector(model)(hidden), out_lengths
+def project_audio(model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The projector on audio-tower output (any leading shape): on the projector's device, in the
+    tower's dtype, as the model's own forward feeds it."""
+    proj = projector(model)
+    return proj(states.to(device=next(proj.parameters()).device, dtype=audio_tower(model).conv1.weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,15 +207,22 @@ def tiny_model_cache(**spec: Any) -> Path:
     return final
 
 
+def _demo_base() -> Path:
+    from stcompress.model.whisper_init import demo_base_model  # needs the Whisper weights package
+
+    return demo_base_model()
+
+
+# `builtin:<name>` -> how to build (once per cache dir) and locate it.
+_BUILTIN_BUILDERS = {
+    **{name: (lambda spec=spec: tiny_model_cache(**spec)) for name, spec in BUILTIN_MODELS.items()},
+    "demo-base": _demo_base,  # the offline demo's untrained model (real Whisper tiny.en encoder)
+}
+
+
 def resolve_builtin(name: str) -> Path:
-    """Path of a built-in model such as `tiny-random` (what `builtin:tiny-random` points to).
-
-    `builtin:demo-base` is the offline demo's untrained model (real Whisper tiny.en encoder)."""
-    if name == "demo-base":
-        from stcompress.model.whisper_init import demo_base_model
-
-        return demo_base_model()
-    if name not in BUILTIN_MODELS:
-        known = ", ".join(f"builtin:{n}" for n in [*BUILTIN_MODELS, "demo-base"])
+    """Path of a built-in model such as `tiny-random` (what `builtin:tiny-random` points to)."""
+    if name not in _BUILTIN_BUILDERS:
+        known = ", ".join(f"builtin:{n}" for n in _BUILTIN_BUILDERS)
         raise ModelError(f"model.path: unknown built-in model builtin:{name}; use one of {known}")
-    return tiny_model_cache(**BUILTIN_MODELS[name])
+    return _BUILTIN_BUILDERS[name]()

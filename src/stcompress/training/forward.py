@@ -36,9 +36,7 @@ def audio_embeddings(model: nn.Module, input_features: torch.Tensor | None = Non
         assert input_features is not None and feature_attention_mask is not None
         audio_states, audio_lengths = arch.tower_states(model, input_features, feature_attention_mask)
     assert audio_lengths is not None
-    proj = arch.projector(model)
-    ref = next(proj.parameters())
-    embeds = proj(audio_states.to(device=ref.device, dtype=arch.audio_tower(model).conv1.weight.dtype))
+    embeds = arch.project_audio(model, audio_states)
     keep = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < audio_lengths.to(embeds.device)[:, None]
     return embeds[keep]
 
