@@ -26,14 +26,18 @@ from stcompress.config import (
     ImportanceConfig,
     PruneConfig,
     ReportConfig,
+    BUILTIN_MODELS,
     RunConfig,
     TranslateConfig,
+    config_yaml,
+    field_help,
     flat_fields,
     load_config,
     read_yaml,
     to_dict,
 )
-from stcompress.errors import StcompressError
+from stcompress.errors import ConfigError, StcompressError
+from stcompress.preflight import check_inputs
 
 log = logging.getLogger("stcompress")
 
@@ -48,6 +52,9 @@ class Command:
     positional: str | None = None  # a config field also accepted as the one positional argument
 
     def run(self, name: str, cfg: Any, progress: bool) -> Path:
+        problems = check_inputs(cfg)  # every named input, before any model loads
+        if problems:
+            raise ConfigError(problems)
         return importlib.import_module(f"stcompress.stages.{name}").run(cfg, progress=progress)
 
 
@@ -77,19 +84,55 @@ COMMANDS: dict[str, Command] = {  # in pipeline order
 RUNNERS = ("run", "demo")  # commands that drive other stages (never a recipe stage themselves)
 
 
-def _metavar(tp: Any) -> str:
-    args = [a for a in get_args(tp) if a is not type(None)]
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(the type inside an Optional, whether None is allowed)."""
     if get_origin(tp) is Literal:
-        return "{" + ",".join(map(str, args)) + "}"
-    if args and get_origin(args[0]) is Literal:
-        return _metavar(args[0])
-    return "VALUE"
+        return tp, False
+    args = [a for a in get_args(tp) if a is not type(None)]
+    nullable = type(None) in get_args(tp)
+    return (args[0] if nullable and len(args) == 1 else tp), nullable
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def _metavar(tp: Any) -> str:
+    inner, _ = _unwrap(tp)
+    if get_origin(inner) is Literal:
+        return "{" + ",".join(map(str, get_args(inner))) + "}"
+    if inner is bool:
+        return "true|false"
+    if get_origin(inner) in (tuple, list):
+        return "LIST"
+    return {int: "N", float: "X"}.get(inner, "VALUE")
+
+
+def _allowed(tp: Any) -> str:
+    """What a value of `tp` may be, in words (choices are in the metavar already)."""
+    inner, nullable = _unwrap(tp)
+    if get_origin(inner) in (tuple, list):
+        item = get_args(inner)[0] if get_args(inner) else str
+        word = "comma-separated list" + {int: " of whole numbers", float: " of numbers"}.get(item, "")
+    else:
+        word = {int: "whole number", float: "number"}.get(inner, "")
+    return ", ".join(w for w in (word, "null for none" if nullable else "") if w)
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, tuple):
+        return ",".join(map(str, default)) or "empty"
+    if default == "":
+        return "required"
+    return "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+
+
+# Extra spellings of an option (one option, several names).
+ALIASES = {"run": {"from_stage": ["--from"]}}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, command: str, cls: type) -> None:
     for dotted, tp, default in flat_fields(cls):
-        names = list(dict.fromkeys([f"--{dotted.replace('_', '-')}", f"--{dotted}"]))  # dashes shown first
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        names = list(dict.fromkeys([f"--{dotted.replace('_', '-')}", f"--{dotted}", *ALIASES.get(command, {}).get(dotted, [])]))
+        meaning = field_help(cls, dotted).rstrip(".")
+        allowed = _allowed(tp)
+        text = "; ".join(p for p in (meaning, allowed) if p) + f" (default: {_shown(default)})"
         parser.add_argument(
             *names,
             dest=f"cfg:{dotted}",
@@ -97,28 +140,31 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
             nargs="?" if tp is bool else None,
             const="true" if tp is bool else None,
             metavar=_metavar(tp),
-            help=f"(default: {shown})",
+            help=text.replace("%", "%%"),
         )
+
+
+EPILOG = ("Built-in models (--model.path, offline): " + ", ".join(BUILTIN_MODELS)
+          + ". Built-in datasets (--data.dataset): builtin, builtin:demo-train, builtin:demo-dev, builtin:demo-kd, "
+          "builtin:demo-test. Options also come from --config FILE.yaml; `--print-config` shows them all.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stcompress", description="Compress audio-language models for speech translation."
+        prog="stcompress", description="Compress audio-language models for speech translation.", epilog=EPILOG
     )
     parser.add_argument("--version", action="version", version=f"stcompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=EPILOG)
         p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; command-line options override it")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
-        _add_config_options(p, cmd.config_cls)
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML (required fields still missing are marked) and exit")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging (the resolved config included)")
+        p.add_argument("-q", "--quiet", action="store_true", help="warnings only; one progress line per stage instead of bars")
+        _add_config_options(p, name, cmd.config_cls)
         if cmd.positional:
             p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(), help=f"same as --{cmd.positional.replace('_', '-')}")
-        if name == "run":
-            p.add_argument("--from", dest="cfg:from_stage", default=argparse.SUPPRESS, metavar="NAME",
-                           help="rerun this stage and every later one")
     return parser
 
 
@@ -158,11 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
         if cmd.positional:
             _take_positional(cmd, args, overrides)
-        cfg = load_config(cmd.config_cls, read_yaml(args.config) if args.config else None, overrides)
+        cfg = load_config(cmd.config_cls, read_yaml(args.config) if args.config else None, overrides,
+                          check=not args.print_config)
         if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+            print(config_yaml(cfg), end="")
             return 0
         log.info("%s config:\n%s", args.command, json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
         out = cmd.run(args.command, cfg, progress=not args.quiet)

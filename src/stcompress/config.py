@@ -6,24 +6,33 @@ Precedence: dataclass defaults < YAML file < command-line overrides. Every probl
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import io
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
 from stcompress.errors import ConfigError
 
+# The `builtin:` models (model/tiny.py builds them; a test keeps the two lists equal).
+BUILTIN_MODELS = ("builtin:tiny-random", "builtin:demo-base")
+MODEL_REQUIRED = (f"model.path: required; give --model.path DIR|HUB_ID (a model directory or a hub id such as "
+                  f"Qwen/Qwen2-Audio-7B-Instruct; built-in models: {', '.join(BUILTIN_MODELS)})")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A hub id (Qwen/Qwen2-Audio-7B-Instruct), a local directory (ours included), or
-    # "builtin:tiny-random" (a tiny random-weight model for tests) or "builtin:demo-base" (the demo's
-    # untrained model: Whisper tiny.en encoder + small decoder), both built offline.
-    path: str = "builtin:tiny-random"
+    # Required: a hub id (Qwen/Qwen2-Audio-7B-Instruct), a local model directory (stcompress outputs
+    # included), or a built-in model built offline: builtin:tiny-random (tiny, random weights, for
+    # tests) or builtin:demo-base (the demo's untrained Whisper tiny.en + small decoder model).
+    path: str = ""
     # auto: bf16 on GPU, fp32 on CPU; checkpoint: the dtype the weights were saved in
     dtype: Literal["auto", "checkpoint", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -37,27 +46,28 @@ class DataConfig:
     # "builtin" (the small example shipped with stcompress), a local manifest (.jsonl / .tsv), or a
     # Hugging Face dataset name such as ymoslem/ACL-6060.
     dataset: str = "builtin"
-    format: Literal["auto", "builtin", "jsonl", "tsv", "hf"] = "auto"
-    hf_config: str | None = None
+    format: Literal["auto", "builtin", "jsonl", "tsv", "hf"] = "auto"  # auto: by name (.jsonl/.json, .tsv, else hf)
+    hf_config: str | None = None  # the HF dataset's configuration name, when it has several
     split: str = "dev+eval"  # HF split expression (the paper: ACL 60/60 dev+eval, 884 segments)
-    audio_column: str = "audio"
+    audio_column: str = "audio"  # column holding the audio (a file path or an HF Audio cell)
     id_column: str | None = None  # None: the "id" column when there is one, else row numbers
     source_column: str | None = "text_en"  # gold transcript; optional
     reference_column: str | None = None  # None: "text_<target_lang>"
-    target_lang: str = "de"
+    target_lang: str = "de"  # language code of the translations (de, zh, ja, ...)
     # Which part to use: the paper's split is datasets' train_test_split(test_size, seed);
     # "dev" is carved out of the train part (dev_size rows) so tuning need not touch the test set.
     subset: Literal["all", "train", "dev", "test"] = "all"
-    test_size: int = 100
-    dev_size: int = 0
-    split_seed: int = 0
+    test_size: int = 100  # rows in the test part (the paper: 100)
+    dev_size: int = 0  # rows of the train part set aside as dev
+    split_seed: int = 0  # seed of the train/test split
     limit: int | None = None  # keep the first N examples after splitting
     max_audio_seconds: float = 30.0  # the feature extractor truncates longer clips; we count and warn
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    system: str = "You are a professional translator."
+    system: str = "You are a professional translator."  # the system message of the chat prompt
+    # the user text after the audio; {language} becomes the target language's name
     instruction: str = "Translate the English speech into {language}:"
 
 
@@ -65,13 +75,13 @@ class PromptConfig:
 class GenerationConfig:
     max_new_tokens: int = 256  # never max_length: that would count the ~200-790 prompt tokens
     batch_size: int = 16  # halved automatically on out-of-memory
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    sort_by_length: bool = True
-    seed: int = 0
+    num_beams: int = 1  # beam search width; 1: greedy
+    do_sample: bool = False  # sample instead of greedy / beam decoding
+    temperature: float = 1.0  # sampling temperature (with do_sample)
+    top_p: float = 1.0  # nucleus sampling mass (with do_sample)
+    repetition_penalty: float = 1.0  # > 1 discourages repeated tokens
+    sort_by_length: bool = True  # batch clips of similar length (less padding; output order is kept)
+    seed: int = 0  # random seed for sampling
     # Greedy decoding over a preallocated KV cache, one CUDA graph per step on GPU (same tokens as
     # transformers' decoding, several times faster); false: transformers' own decode step.
     static_cache: bool = True
@@ -80,13 +90,13 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class CometConfig:
     model: str | None = None  # e.g. Unbabel/wmt22-comet-da (wmt20-comet-da for paper parity); None: off
-    batch_size: int = 16
+    batch_size: int = 16  # segments per COMET batch
 
 
 @dataclass(frozen=True)
 class TranslateConfig:
-    output: str = "outputs/translate"
-    on_error: Literal["fail", "skip"] = "fail"
+    output: str = "outputs/translate"  # the output directory (written whole at the end; an earlier one is replaced)
+    on_error: Literal["fail", "skip"] = "fail"  # a bad item (unreadable audio, no reference): fail, or skip and list it
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -95,12 +105,12 @@ class TranslateConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    output: str = "outputs/evaluate"
+    output: str = "outputs/evaluate"  # the output directory (written whole at the end; an earlier one is replaced)
     # An existing hypotheses.jsonl (or the translate directory holding it). When None, the model
     # translates `data` first, exactly as `stcompress translate` would.
     hypotheses: str | None = None
-    metrics: tuple[str, ...] = ("bleu", "chrf", "chrf++")
-    on_error: Literal["fail", "skip"] = "fail"
+    metrics: tuple[str, ...] = ("bleu", "chrf", "chrf++")  # any of bleu, chrf, chrf++, comet
+    on_error: Literal["fail", "skip"] = "fail"  # a bad item (unreadable audio, no reference): fail, or skip and list it
     comet: CometConfig = field(default_factory=CometConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +139,24 @@ def _parse_bool(value: Any) -> bool:
     if text in {"false", "no", "0", "off"}:
         return False
     raise ValueError("expected true or false")
+
+
+def _parse_int(value: Any) -> int:
+    """One rule for YAML and the command line: whole numbers only (2, "2", 2.0); 2.5 is refused,
+    never truncated."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    try:
+        number = float(value) if isinstance(value, float) else float(str(value).strip())
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer") from None
+    if not number.is_integer():
+        raise ValueError("expected a whole number, not a fraction")
+    return int(number)
 
 
 def _coerce(tp: Any, value: Any) -> Any:
@@ -161,12 +189,7 @@ def _coerce(tp: Any, value: Any) -> Any:
     if tp is bool:
         return _parse_bool(value)
     if tp is int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError("expected an integer") from None
+        return _parse_int(value)
     if tp is float:
         if isinstance(value, bool):
             raise ValueError("expected a number")
@@ -253,8 +276,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type, yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Build `cls` from YAML data and dotted overrides ({"generation.batch_size": "8"})."""
+def load_config(cls: type, yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                *, check: bool = True) -> Any:
+    """Build `cls` from YAML data and dotted overrides ({"generation.batch_size": "8"}).
+
+    check=False skips the semantic checks (required fields, ranges): `--print-config` shows the
+    skeleton of a config that is not complete yet; type errors still raise."""
     tree: dict[str, Any] = {}
     for key, value in (yaml_data or {}).items():
         tree[key] = value
@@ -262,7 +289,8 @@ def load_config(cls: type, yaml_data: dict[str, Any] | None = None, overrides: d
         _set_dotted(tree, dotted.replace("-", "_"), value)
     problems: list[str] = []
     cfg = _build(cls, tree, "", problems)
-    problems.extend(validate(cfg) if cfg is not None else [])
+    if check and cfg is not None:
+        problems.extend(validate(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -271,6 +299,8 @@ def load_config(cls: type, yaml_data: dict[str, Any] | None = None, overrides: d
 def validate(cfg: Any) -> list[str]:
     """Semantic checks that types alone cannot express."""
     problems: list[str] = []
+    if model_required(cfg) and not cfg.model.path:
+        problems.append(MODEL_REQUIRED)
     gen = getattr(cfg, "generation", None)
     if gen is not None:
         if gen.max_new_tokens < 1:
@@ -301,6 +331,14 @@ def validate(cfg: Any) -> list[str]:
     return problems
 
 
+def model_required(cfg: Any) -> bool:
+    """Whether `cfg` loads `model.path` (evaluate of a hypotheses file and prune of an importance
+    output, whose manifest names the model, do not need it)."""
+    if getattr(cfg, "model", None) is None or not isinstance(cfg.model, ModelConfig):
+        return False
+    return not (getattr(cfg, "hypotheses", None) or getattr(cfg, "importance", None))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, YAML/JSON-ready dict of a config (tuples become lists)."""
 
@@ -314,19 +352,88 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted name, type, default) of every leaf field, for building command-line options."""
+def flat_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, Any, Any]]:
+    """(dotted name, type, default) of every leaf field, for building command-line options.
+
+    Defaults are the real ones: a section's default comes from its parent (prune's model.dtype is
+    "checkpoint", distill's data.subset "train"), not from the section class alone."""
     out: list[tuple[str, Any, Any]] = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(cls, f.name)
         if _is_dataclass_type(tp):
-            out.extend(flat_fields(tp, f"{prefix}{f.name}."))
+            out.extend(flat_fields(tp, f"{prefix}{f.name}.", default))
         elif get_origin(tp) in (tuple, list) and get_args(tp) and _is_dataclass_type(get_args(tp)[0]):
             continue  # lists of sections are set in the YAML file only
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out.append((f"{prefix}{f.name}", tp, default))
+    return out
+
+
+@functools.cache
+def _comments() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the comment on that field's line, or the comment block above it.
+
+    The comments in this file are the one description of each option: `--help` shows them."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    trailing = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    out: dict[tuple[str, str], str] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            above, n = [], item.lineno - 1
+            while n >= 1 and lines[n - 1].strip().startswith("#"):
+                above.insert(0, lines[n - 1].strip().lstrip("# ").strip())
+                n -= 1
+            own = trailing.get(item.lineno) if not lines[item.lineno - 1].strip().startswith("#") else None
+            text = " ".join(part for part in (" ".join(above), own) if part)
+            if text:
+                out[(node.name, item.target.id)] = text
+    return out
+
+
+def field_help(cls: type, dotted: str) -> str:
+    """The one-line meaning of the dotted field `dotted` of `cls` (from the comments above)."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        cls = _hints(cls)[section]
+    return _comments().get((cls.__name__, name), "")
+
+
+def config_yaml(cfg: Any) -> str:
+    """`cfg` as YAML; fields still required print as `null  # required`, so an incomplete config
+    (export without --input) shows as a skeleton to fill in."""
+    tree = to_dict(cfg)
+    required = required_fields(cfg)
+    for dotted in required:
+        *sections, name = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node[name] = None
+    lines, stack = [], []  # stack: (indent, key) of the mappings above the current line
+    for line in yaml.safe_dump(tree, sort_keys=False, allow_unicode=True).splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        key = line.strip().split(":", 1)[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        lines.append(line + "  # required" if dotted in required and line.rstrip().endswith("null") else line)
+    return "\n".join(lines) + "\n"
+
+
+def required_fields(cfg: Any) -> list[str]:
+    """Dotted names of the fields `cfg` still lacks (what `--print-config` marks "# required")."""
+    out = [name for name in getattr(cfg, "REQUIRED", ()) if not getattr(cfg, name)]
+    if model_required(cfg) and not cfg.model.path:
+        out.append("model.path")
     return out
 
 
@@ -334,18 +441,18 @@ def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
 class ImportanceConfig:
     """The paper's iterative greedy layer-importance search (PAPER.md, step 2)."""
 
-    output: str = "outputs/importance"
+    output: str = "outputs/importance"  # the output directory (fills as the search runs; resumable)
     component: Literal["decoder", "encoder"] = "decoder"  # encoder: the paper's audio-encoder ablation
     metric: str | None = None  # selection metric; None: chrf++ for German, chrf for Chinese (the paper)
-    log_metrics: tuple[str, ...] = ("bleu", "chrf", "chrf++")
+    log_metrics: tuple[str, ...] = ("bleu", "chrf", "chrf++")  # metrics recorded for every candidate
     protect: tuple[int, ...] | None = None  # never removed; None: the first and the last layer
     rounds: int | None = 8  # layers to remove (one per round); None: until another stop applies
     target_layers: int | None = None  # stop when this many layers remain
     min_fraction: float | None = None  # stop when the best candidate scores below this x the unpruned score
     # Approximations (off by default, labelled as such in every output they touch):
     halving: bool = False  # successive halving over dev segments within a round
-    halving_eta: int = 3
-    halving_min_segments: int = 10
+    halving_eta: int = 3  # halving: keep 1/eta of the candidates at each step
+    halving_min_segments: int = 10  # halving: segments in the first, cheapest step
     prefilter: str | None = None  # proxy that pre-selects candidates: block_influence | tf_loss
     prefilter_keep: int = 8  # candidates per round kept for generation by the prefilter
     proxies: tuple[str, ...] = ()  # proxies logged for every candidate, with their rank correlation
@@ -361,30 +468,45 @@ class ImportanceConfig:
 class PruneConfig:
     """Physically remove layers and save a model that loads with plain from_pretrained."""
 
-    output: str = "outputs/prune"
+    output: str = "outputs/prune"  # the output directory: a model directory plus manifest.json
     layers: tuple[int, ...] = ()  # decoder layers to remove (0-based, original numbering)
     importance: str | None = None  # an importance output: remove the first `num_layers` of its order
-    num_layers: int | None = None  # None: the whole removal order
+    num_layers: int | None = None  # with importance: how many of its removal order to remove; None: all
     encoder_layers: tuple[int, ...] = ()  # audio-encoder layers to remove
     check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
-    check_max_new_tokens: int = 16
+    check_max_new_tokens: int = 16  # reload check: tokens decoded per segment
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="checkpoint"))
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.layers and self.importance:
+            out.append("layers / importance: give one of --layers LIST and --importance DIR, not both")
+        if self.num_layers is not None and not self.importance:
+            fix = ("--layers already lists the layers; leave --num-layers out" if self.layers else
+                   "give --importance DIR (an importance output, whose removal order it cuts), or --layers LIST")
+            out.append(f"num_layers: only applies to an importance removal order; {fix}")
+        if self.num_layers is not None and self.num_layers < 1:
+            out.append("num_layers: must be at least 1 (or leave it out for the whole removal order)")
+        if not self.layers and not self.importance and not self.encoder_layers:
+            out.append("layers: nothing to remove; give --layers LIST (e.g. 1,3,9), --importance DIR "
+                       "(an importance output) or --encoder-layers LIST")
+        return out
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """Sequence-level KD data (PAPER.md step 3): references plus the teacher's translations."""
 
-    output: str = "outputs/distill"
-    on_error: Literal["fail", "skip"] = "fail"
+    output: str = "outputs/distill"  # the output directory (written whole at the end; an earlier one is replaced)
+    on_error: Literal["fail", "skip"] = "fail"  # a bad item (unreadable audio, no reference): fail, or skip and list it
     teacher_only: bool = False  # leave the references out of examples.jsonl
     upsample: int = 1  # rows per kept teacher output (the paper's Model B trains on 10x KD data)
     # Quality filter (distil-whisper filters pseudo-labels by WER): drop teacher outputs whose
     # sentence score against the reference is below min_score; None: no filter.
     filter_metric: str = "chrf"
-    min_score: float | None = None
+    min_score: float | None = None  # see filter_metric; e.g. 30
     model: ModelConfig = field(default_factory=ModelConfig)  # the teacher
     data: DataConfig = field(default_factory=lambda: DataConfig(subset="train"))
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -407,19 +529,21 @@ class DistillConfig:
 class ExportConfig:
     """Merge LoRA in full precision, save, optionally quantize to NF4, prove the result reloads."""
 
-    output: str = "outputs/export"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("input",)
+
+    output: str = "outputs/export"  # the output directory: the exported model, its card and manifest.json
     input: str = ""  # a finetune output (manifest.json + model/ or adapter/), or any model dir / hub id
     base_model: str | None = None  # LoRA / QLoRA: overrides the finetune manifest's base_model
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merge and save in this (never in 4-bit)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (the merge and the reload check)
     quantize: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit serialisation after the merge
     # nf4: components left in `dtype`. embed_tokens always is (transformers' bitsandbytes path has no
     # 4-bit embedding); lm_head is kept by default, as transformers does.
     keep_unquantized: tuple[str, ...] = ("lm_head",)
-    double_quant: bool = True
+    double_quant: bool = True  # nf4: also quantize the quantization constants
     scores: str | None = None  # an evaluate output (or its scores.json), shown in the model card
     check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
-    check_max_new_tokens: int = 16
+    check_max_new_tokens: int = 16  # reload check: tokens decoded per segment
     check_min_agreement: float = 1.0  # nf4 reload check: greedy token agreement required (1.0 = exact)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -457,9 +581,9 @@ class DatasetMix:
 class LoraOptions:
     """LoRA / QLoRA adapters; defaults are the paper's (r 64, alpha 128, rsLoRA, dropout 0, all linear)."""
 
-    r: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
+    r: int = 64  # adapter rank
+    alpha: float = 128.0  # adapter scale numerator
+    dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
     rslora: bool = True  # scale alpha / sqrt(r) (rank-stabilised LoRA)
     # "all-linear" or module names (q_proj, fc1, ...); the LM head is never adapted.
     targets: tuple[str, ...] = ("all-linear",)
@@ -475,17 +599,17 @@ class LoraOptions:
 class TrainConfig:
     """Optimisation; defaults are the paper's teacher (3 epochs, batch 4, lr 1e-5, cosine, no warmup)."""
 
-    epochs: int = 3
+    epochs: int = 3  # passes over the training data
     max_steps: int | None = None  # optimizer steps; stops earlier than `epochs` when reached
     batch_size: int = 4  # per device
-    grad_accum: int = 1
-    lr: float = 1e-5
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.001  # on matrices only (biases and norms are not decayed)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # learning-rate schedule after warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup
     max_grad_norm: float | None = 1.0  # None: no clipping
     max_length: int = 1024  # prompt (audio tokens included) + target + end-of-turn token
-    on_too_long: Literal["fail", "skip"] = "fail"
+    on_too_long: Literal["fail", "skip"] = "fail"  # an example longer than max_length: fail, or skip it
     # Clips longer than the feature extractor's 30 s: "skip" them (their target describes audio the
     # model cannot hear), or "truncate" (train on the first 30 s, as inference would).
     long_audio: Literal["skip", "truncate"] = "skip"
@@ -493,9 +617,9 @@ class TrainConfig:
     # With freeze_audio_tower: run the audio tower once per clip, before training, and keep its output
     # in memory (~1.9 MB per 30 s clip for the 7B in bf16) instead of recomputing it every epoch.
     cache_audio: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPU, none on CPU
-    seed: int = 0
+    seed: int = 0  # seed of shuffling, dropout and adapter initialisation
     num_workers: int = 0  # DataLoader workers computing audio features
     log_every: int = 10  # optimizer steps per history.jsonl row
     save_every: int = 0  # optimizer steps between checkpoints; 0: at each epoch end only
@@ -513,13 +637,13 @@ class DevConfig:
     # auto: data's dev part when data.subset is train and data.dev_size > 0 (disjoint from train and
     # test); none: no dev evaluation; otherwise a dataset read with data's columns and language.
     dataset: str = "auto"
-    limit: int | None = None
+    limit: int | None = None  # dev segments used; None: all
     every: int = 0  # optimizer steps between evaluations; 0: at each epoch end
     metric: Literal["loss", "chrf"] = "loss"  # chrf: needs chrf_segments > 0
     patience: int = 0  # stop after this many evaluations without improvement; 0: never stop early
     chrf_segments: int = 0  # also translate this many dev segments (chrF++; chrF for zh/ja/ko)
-    batch_size: int = 8
-    max_new_tokens: int = 128
+    batch_size: int = 8  # dev segments per batch
+    max_new_tokens: int = 128  # token limit of each dev translation (chrf_segments)
 
 
 @dataclass(frozen=True)
@@ -528,7 +652,7 @@ class KDConfig:
 
     teacher: str | None = None  # a model directory (or stcompress output) sharing the student's tokenizer
     ratio: float = 0.0  # 0: off
-    temperature: float = 1.0
+    temperature: float = 1.0  # softmax temperature of both distributions
     teacher_4bit: bool = False  # load the teacher in NF4 to save memory
 
 
@@ -536,9 +660,9 @@ class KDConfig:
 class FinetuneConfig:
     """Full fine-tuning, LoRA or QLoRA of a Qwen2-Audio model on speech-translation pairs."""
 
-    output: str = "outputs/finetune"
-    mode: Literal["full", "lora", "qlora"] = "full"
-    on_error: Literal["fail", "skip"] = "fail"
+    output: str = "outputs/finetune"  # the output directory: model/ (full) or adapter/ (lora, qlora)
+    mode: Literal["full", "lora", "qlora"] = "full"  # full: every weight; lora: adapters; qlora: adapters on an NF4 base
+    on_error: Literal["fail", "skip"] = "fail"  # a bad item (unreadable audio, no reference): fail, or skip and list it
     model: ModelConfig = field(default_factory=ModelConfig)  # dtype auto: fp32 weights for full, bf16 (GPU) for lora
     data: DataConfig = field(default_factory=DataConfig)  # the training data when `datasets` is empty
     datasets: tuple[DatasetMix, ...] = ()  # a mix (YAML only); replaces `data` as training data
@@ -596,6 +720,8 @@ class FinetuneConfig:
 class RunConfig:
     """`stcompress run RECIPE.yaml`: the stages a recipe lists, each into <run_dir>/<name>."""
 
+    REQUIRED: ClassVar[tuple[str, ...]] = ("recipe",)
+
     recipe: str = ""  # the recipe YAML (also accepted as the positional argument)
     dry_run: bool = False  # validate and print the plan (stage, output, inputs, skip or run), then exit
     from_stage: str | None = None  # rerun this stage and every later one, even if unchanged (--from)
@@ -614,14 +740,16 @@ class RunConfig:
 class DemoConfig:
     """`stcompress demo`: the whole pipeline, offline on CPU, on the built-in speech-translation task."""
 
-    run_dir: str = "runs/demo"
-    target_lang: Literal["de", "zh"] = "de"
+    run_dir: str = "runs/demo"  # where the demo run writes its stages and report
+    target_lang: Literal["de", "zh"] = "de"  # the translation direction: English -> German or Chinese
     fresh: bool = False  # delete run_dir first (otherwise finished stages are skipped, as in `run`)
 
 
 @dataclass(frozen=True)
 class ReportConfig:
     """`stcompress report RUN_DIR`: render what the stages of a run wrote (never recomputes)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir",)
 
     run_dir: str = ""  # a `stcompress run` directory (or any directory holding stage outputs)
     output: str = ""  # default: <run_dir>/report

@@ -68,12 +68,12 @@ def resolve_format(cfg: DataConfig) -> str:
         return cfg.format
     if cfg.dataset == "builtin" or cfg.dataset.startswith("builtin:"):
         return "builtin"
-    suffix = Path(cfg.dataset).suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix == ".tsv":
-        return "tsv"
-    return "hf"
+    from stcompress.preflight import DATA_SUFFIXES, dataset_problem
+
+    problem = dataset_problem("data.dataset", cfg.dataset)
+    if problem:  # an existing file of another format, or a local path that is not there
+        raise DataError(problem)
+    return DATA_SUFFIXES.get(Path(cfg.dataset).suffix.lower(), "hf")
 
 
 # ---------------------------------------------------------------------------------------------

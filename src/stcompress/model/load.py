@@ -43,11 +43,12 @@ def resolve_model_path(path: str) -> str:
 
         return str(resolve_builtin(path.split(":", 1)[1]))
     local = Path(path).expanduser()
-    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if not looks_local:
+    from stcompress.preflight import is_hub_id
+
+    if is_hub_id(path):
         return path  # hub id such as Qwen/Qwen2-Audio-7B-Instruct
     check_model_dir(local)
-    return str(local)
+    return str(local.resolve())  # manifests record where it is, whatever the working directory
 
 
 def check_model_dir(directory: Path) -> None:

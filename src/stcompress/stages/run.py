@@ -312,10 +312,28 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
     _save_plan(recipe, plan)
 
 
+def check_inputs(recipe: Recipe, decisions: dict[str, str]) -> list[str]:
+    """Inputs of the stages that will run which are not made by the run itself (placeholders,
+    typos), every one at once."""
+    from stcompress import preflight
+
+    made = [recipe.run_dir.resolve(), *(s.output.resolve() for s in recipe.steps)]
+
+    def made_later(value: str) -> bool:
+        path = Path(value).expanduser().resolve()
+        return path == made[0] or any(path == m or m in path.parents for m in made[1:])
+
+    return [f"{recipe.path}: {step.name} ({step.stage}): {p}" for step in recipe.steps
+            if decisions[step.name].startswith("run") for p in preflight.check_inputs(step.config, made_later)]
+
+
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     recipe = parse_recipe(cfg.recipe)
     decisions = decide(recipe, cfg)
     print(format_plan(recipe, decisions))
+    problems = check_inputs(recipe, decisions)
+    if problems:
+        raise ConfigError(problems)
     if cfg.dry_run:
         return recipe.run_dir
     _check_upstream(recipe, decisions)
