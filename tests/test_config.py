@@ -9,10 +9,12 @@ import pytest
 from stcompress.config import DataConfig, EvaluateConfig, TranslateConfig, flat_fields, load_config, read_yaml, to_dict
 from stcompress.errors import ConfigError
 
+MODEL = {"model": {"path": "builtin:tiny-random"}}
+
 
 def test_precedence_yaml_then_overrides(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("output: runs/a\ngeneration:\n  batch_size: 4\n  max_new_tokens: 64\ndata:\n  target_lang: zh\n")
+    path.write_text("output: runs/a\nmodel:\n  path: builtin:tiny-random\ngeneration:\n  batch_size: 4\n  max_new_tokens: 64\ndata:\n  target_lang: zh\n")
     cfg = load_config(TranslateConfig, read_yaml(path), {"generation.batch-size": "2", "model.load_in_4bit": "true"})
     assert cfg.output == "runs/a"
     assert cfg.generation.batch_size == 2  # command line wins
@@ -26,7 +28,8 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(
             TranslateConfig,
-            {"generation": {"batch_size": "many", "beams": 2}, "data": {"subset": "validation", "target_lang": "xx"}},
+            {"generation": {"batch_size": "many", "beams": 2}, "data": {"subset": "validation", "target_lang": "xx"},
+             "model": {"path": "builtin:tiny-random"}},
             {"on_error": "ignore"},
         )
     problems = err.value.problems
@@ -41,9 +44,9 @@ def test_every_problem_is_reported_at_once():
 
 def test_semantic_checks():
     with pytest.raises(ConfigError, match="generation.max_new_tokens: must be at least 1"):
-        load_config(TranslateConfig, {"generation": {"max_new_tokens": 0}})
+        load_config(TranslateConfig, {"generation": {"max_new_tokens": 0}, **MODEL})
     with pytest.raises(ConfigError, match=r"prompt.instruction: must contain \{language\}"):
-        load_config(TranslateConfig, {"prompt": {"instruction": "Translate this"}})
+        load_config(TranslateConfig, {"prompt": {"instruction": "Translate this"}, **MODEL})
 
 
 def test_optional_and_tuple_fields():
@@ -91,5 +94,5 @@ def test_list_of_sections():
 def test_section_defaults_of_the_parent_survive_partial_overrides():
     from stcompress.config import PruneConfig
 
-    cfg = load_config(PruneConfig, {"model": {"path": "some/dir/model"}}, {"model.device": "cpu"})
+    cfg = load_config(PruneConfig, {"model": {"path": "some/dir/model"}, "layers": [1]}, {"model.device": "cpu"})
     assert cfg.model.dtype == "checkpoint" and cfg.model.path == "some/dir/model" and cfg.model.device == "cpu"

@@ -288,7 +288,7 @@ def test_duplicate_ids(tmp_path):
 
 
 def test_manifest_problems(tmp_path):
-    with pytest.raises(DataError, match=r"nothere\.jsonl: manifest not found"):
+    with pytest.raises(DataError, match=r"^data.dataset: .*nothere\.jsonl does not exist"):
         load_examples(DataConfig(dataset=str(tmp_path / "nothere.jsonl")))
     (tmp_path / "broken.jsonl").write_text('{"audio": "a.wav"}\n{oops\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"broken\.jsonl:2: not valid JSON"):

@@ -47,7 +47,7 @@ def processor(tiny_model_dir):
 def _cfg(tmp_path: Path, manifest: Path, **overrides) -> FinetuneConfig:
     base = {
         "mode": "lora", "output": str(tmp_path / "out"), "data.dataset": str(manifest),
-        "model.device": "cpu", "lora.r": "8", "lora.alpha": "16", "train.batch_size": "3", "train.epochs": "6",
+        "model.path": "builtin:tiny-random", "model.device": "cpu", "lora.r": "8", "lora.alpha": "16", "train.batch_size": "3", "train.epochs": "6",
         "train.lr": "1e-2", "train.scheduler": "constant", "train.log_every": "1", "dev.dataset": "none",
     }
     return load_config(FinetuneConfig, None, {**base, **overrides})
@@ -182,7 +182,7 @@ def test_dataset_mix_repeat_counts(tmp_path, manifest):
     distilled = _fake_distill(tmp_path, manifest)
     cfg = dataclasses.replace(
         _cfg(tmp_path, manifest),
-        datasets=(DatasetMix(data=load_config(FinetuneConfig, None, {"data.dataset": str(manifest)}).data, repeat=2.5),
+        datasets=(DatasetMix(data=load_config(FinetuneConfig, None, {"data.dataset": str(manifest), "model.path": "builtin:tiny-random"}).data, repeat=2.5),
                   DatasetMix(distilled=str(distilled), repeat=10)),
     )
     mixed, report, _ = finetune.load_training_items(cfg)
@@ -348,7 +348,7 @@ def test_two_processes_and_accumulation_equal_one_big_batch(tmp_path, make_wav):
         "finetune.run(load_config(FinetuneConfig, None, over), progress=False)\n"
     )
     common = ["mode=lora", f"data.dataset={data}", "train.epochs=2", "train.lr=1e-2", "train.scheduler=constant",
-              "lora.r=8", "lora.alpha=16", "train.log_every=1", "model.device=cpu"]
+              "lora.r=8", "lora.alpha=16", "train.log_every=1", "model.path=builtin:tiny-random", "model.device=cpu"]
     runs = {
         "ddp": ["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train.batch_size=1"],
         "big": [str(script), "train.batch_size=2"],

@@ -46,6 +46,7 @@ def _count_calls(monkeypatch) -> dict[str, int]:
 def test_validation_reports_every_problem_with_stage_names(tmp_path):
     recipe = {
         "run_dir": str(tmp_path / "run"),
+        "defaults": {"model": {"path": "builtin:tiny-random"}},
         "stages": [
             {"name": "tr", "stage": "translate", "config": {"generation": {"max_new_tokens": 0}}},
             {"name": "tr", "stage": "translate"},
@@ -80,7 +81,7 @@ def test_references_defaults_and_outputs(tmp_path, tiny_model_dir):
 def test_the_recipe_language_reaches_finetune_mix_entries(tmp_path):
     recipe = {
         "run_dir": str(tmp_path / "run"),
-        "defaults": {"data": {"target_lang": "zh", "limit": 3}},
+        "defaults": {"data": {"target_lang": "zh", "limit": 3}, "model": {"path": "builtin:tiny-random"}},
         "stages": [{"name": "ft", "stage": "finetune", "config": {"datasets": [
             {"data": {"dataset": "builtin"}},
             {"data": {"dataset": "builtin", "target_lang": "de"}},

@@ -175,7 +175,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     if quiet:
+        import warnings
+
         import transformers
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
 
         transformers.utils.logging.disable_progress_bar()  # weight loading / shard writing bars
 

@@ -120,7 +120,7 @@ def build_examples(table: Table, cfg: DataConfig, *, on_error: str = "fail", req
             )
         except DataError as exc:
             if on_error == "fail":
-                raise DataError(f"item {ids[i]!r}: {exc} (or set on_error: skip to leave such items out)") from None
+                raise DataError(f"item {ids[i]!r}: {exc} (or pass --on-error skip to leave such items out)") from None
             logger.warning("skipping item %r: %s", ids[i], exc)
             result.skipped.append(Skipped(id=ids[i], reason=str(exc)))
     result.n_over_max = sum(ex.duration > cfg.max_audio_seconds for ex in result.examples)
@@ -174,7 +174,7 @@ def _ids(table: Table, column: str | None) -> list[str]:
         if value is None or str(value).strip() == "":
             raise DataError(
                 f"{table.name}: row {i} has an empty id in column {column!r}; fill it in, "
-                "or set data.id_column: null to use row numbers"
+                "or pass --data.id-column null to use row numbers"
             )
         ids.append(str(value))
         rows[ids[-1]].append(i)
@@ -183,7 +183,7 @@ def _ids(table: Table, column: str | None) -> list[str]:
         shown = "; ".join(f"{k!r} at rows {', '.join(map(str, v))}" for k, v in list(duplicates.items())[:5])
         raise DataError(
             f"{table.name}: duplicate id {shown} in column {column!r}; make ids unique "
-            "or set data.id_column: null to use row numbers"
+            "or pass --data.id-column null to use row numbers"
         )
     return ids
 

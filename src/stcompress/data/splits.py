@@ -55,7 +55,7 @@ def select_subset(n: int, subset: str, test_size: int, dev_size: int, seed: int)
             "lower test_size or dev_size"
         )
     if subset == "test" and test_size == 0:
-        raise DataError("data.subset: 'test' is empty because data.test_size is 0; set test_size (the paper: 100)")
+        raise DataError("data.subset: 'test' is empty because data.test_size is 0; pass --data.test-size N (the paper: 100)")
     if subset == "dev" and dev_size == 0:
         raise DataError("data.subset: 'dev' is empty because data.dev_size is 0; set dev_size (e.g. 100)")
     train, test = paper_split(n, test_size, seed)

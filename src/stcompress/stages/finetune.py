@@ -309,7 +309,7 @@ def setup(cfg: FinetuneConfig, device: torch.device) -> Setup:
     dev_set, _ = encode_items(reference_items(dev_examples), builder, extractor, what="dev data", **encode)
     if not train_set:
         raise DataError("datasets: every training item was skipped (audio over 30 s or over train.max_length); "
-                        "set train.long_audio: truncate or raise train.max_length")
+                        "pass --train.long-audio truncate or raise --train.max-length")
     model, lora_info = prepare_student(cfg, loaded)
     teacher, teacher_path = load_teacher(cfg, device, model)
     timings["load_model"] = time.perf_counter() - t0

@@ -117,7 +117,7 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], *, where: s
     if missing or unexpected:
         first = sorted(missing or unexpected)[0]
         raise StcompressError(f"{where}: checkpoint does not match the model being trained ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected weights, e.g. {first}); set train.resume: never to start over")
+                              f"{len(unexpected)} unexpected weights, e.g. {first}); pass --train.resume never to start over")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
@@ -170,7 +170,7 @@ def check_resumable(saved: TrainerState, config: dict[str, Any], ckpt_dir: Path)
     if changed:
         shown = ", ".join(f"{k} ({saved.config.get(k)!r} -> {config.get(k)!r})" for k in changed[:4])
         raise StcompressError(f"train.resume: the checkpoint in {ckpt_dir} was made with a different config: {shown}; "
-                              "restore those settings, or set train.resume: never to start over")
+                              "restore those settings, or pass --train.resume never to start over")
 
 
 def load_checkpoint(accelerator: Any, ckpt_dir: Path) -> None:

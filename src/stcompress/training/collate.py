@@ -85,7 +85,7 @@ def encode_items(
         raise DataError(
             f"train.max_length: {len(too_long)} items of the {what} are longer than {max_length} tokens (longest: "
             f"{worst[0]!r}, {worst[1]} = {worst[2]} prompt + {worst[1] - worst[2]} target tokens); raise "
-            "train.max_length or set train.on_too_long: skip"
+            "train.max_length or pass --train.on-too-long skip"
         )
     report.too_long = [t[0] for t in too_long]
     report.kept = len(out)

@@ -1,0 +1,216 @@
+"""First contact (issue 13): bad input fails before any work with one line naming the option, and the
+CLI explains itself. No model is loaded here: every check runs before one would be."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stcompress import cli
+from stcompress.config import DistillConfig, EvaluateConfig, PruneConfig, TranslateConfig, load_config
+from stcompress.errors import ConfigError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MODEL = ["--model.path", "builtin:tiny-random"]
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# -- item 4: a dry run checks every input ------------------------------------------------------
+
+def test_dry_run_of_the_model_b_recipe_names_the_placeholder(tmp_path, capsys):
+    assert cli.main(["run", str(RECIPES / "de-model-b.yaml"), "--dry-run", "-q"]) == 2
+    err = _error(capsys)
+    assert "heal (finetune): datasets[2].data.dataset: PATH/TO/covost2-en-de.jsonl does not exist" in err
+
+
+def test_dry_run_reports_every_missing_input_at_once(tmp_path, capsys):
+    recipe = {
+        "run_dir": str(tmp_path / "run"),
+        "defaults": {"model": {"path": "builtin:tiny-random"}},
+        "stages": [
+            {"name": "tr", "stage": "translate", "config": {"data": {"dataset": str(tmp_path / "nope.jsonl")}}},
+            {"name": "ev", "stage": "evaluate", "config": {"model": {"path": str(tmp_path / "no-model")}}},
+            {"name": "ev2", "stage": "evaluate", "config": {"hypotheses": "${tr}"}},  # made by the run: fine
+            {"name": "ex", "stage": "export", "config": {"input": "Qwen/Qwen2-Audio-7B-Instruct"}},  # a hub id: fine
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.main(["run", str(path), "--dry-run", "-q"]) == 2
+    err = _error(capsys)
+    assert "2 config problems" in err
+    assert "tr (translate): data.dataset:" in err and "nope.jsonl does not exist" in err
+    assert "ev (evaluate): model.path:" in err and "no-model does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- item 5: one coercion rule for YAML and the command line -------------------------------------
+
+@pytest.mark.parametrize("value", [2.5, "2.5"])
+def test_fractions_for_integer_fields_are_refused_from_yaml_and_cli(value):
+    with pytest.raises(ConfigError, match=r"generation.batch_size: expected a whole number, not a fraction"):
+        load_config(TranslateConfig, {"generation": {"batch_size": value}, "model": {"path": "builtin:tiny-random"}})
+    with pytest.raises(ConfigError, match=r"data.limit: expected a whole number"):
+        load_config(TranslateConfig, {"model": {"path": "x/y"}}, {"data.limit": value})
+
+
+def test_whole_numbers_are_accepted_alike():
+    for value in (2, "2", 2.0, "2.0"):
+        cfg = load_config(TranslateConfig, {"generation": {"batch_size": value}, "model": {"path": "x/y"}})
+        assert cfg.generation.batch_size == 2 and isinstance(cfg.generation.batch_size, int)
+
+
+# -- item 6: local-looking paths fail at once, naming the option ----------------------------------
+
+def test_existing_file_of_unknown_format_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("manifest.txt").write_text("id\taudio\n")
+    assert cli.main(["translate", *MODEL, "--data.dataset", "manifest.txt", "-q"]) == 2
+    err = _error(capsys)
+    assert "data.dataset: manifest.txt is a file of unknown format (.txt)" in err and ".jsonl" in err and ".tsv" in err
+
+
+def test_export_of_a_missing_input_names_input_not_model_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    import time
+
+    t0 = time.perf_counter()
+    assert cli.main(["export", "--input", "nowhere", "-q"]) == 2
+    err = _error(capsys)
+    assert err.count("\n") == 1 and "input: nowhere does not exist" in err and "model.path" not in err
+    assert time.perf_counter() - t0 < 5  # no hub retries
+
+
+def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):
+    from stcompress.preflight import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("Qwen/Qwen2-Audio-7B-Instruct") and is_hub_id("ymoslem/ACL-6060")
+    assert not any(is_hub_id(v) for v in ("nowhere", "./a/b", "/a/b", "a/b/c", "~/x", "PATH/TO/x.jsonl", "org/m.txt"))
+    Path("org").mkdir()
+    Path("org/name").mkdir()
+    assert not is_hub_id("org/name")  # it exists here: local
+
+
+# -- item 7: prune's option combinations ----------------------------------------------------------
+
+def test_prune_refuses_layers_with_num_layers():
+    with pytest.raises(ConfigError, match=r"num_layers: only applies to an importance removal order; --layers already"):
+        load_config(PruneConfig, {"layers": [1], "num_layers": 99, "model": {"path": "x/y"}})
+
+
+def test_prune_num_layers_says_what_it_needs(capsys):
+    assert cli.main(["prune", "--num-layers", "2", "-q", *MODEL]) == 2
+    assert "num_layers: only applies to an importance removal order; give --importance DIR" in _error(capsys)
+
+
+# -- item 9: the model is required ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["translate", "evaluate", "importance", "distill", "finetune", "prune"])
+def test_leaving_out_the_model_is_an_error(command, capsys):
+    extra = ["--layers", "1"] if command == "prune" else []
+    assert cli.main([command, "-q", *extra]) == 2
+    err = _error(capsys)
+    assert "model.path: required; give --model.path DIR|HUB_ID" in err and "builtin:tiny-random" in err
+
+
+def test_the_model_is_not_required_where_a_manifest_names_it():
+    assert load_config(EvaluateConfig, {"hypotheses": "h.jsonl"}).hypotheses == "h.jsonl"
+    assert load_config(PruneConfig, {"importance": "imp"}).model.path == ""
+
+
+def test_builtin_model_lists_agree():
+    from stcompress.config import BUILTIN_MODELS
+    from stcompress.model.tiny import _BUILTIN_BUILDERS
+
+    assert set(BUILTIN_MODELS) == {f"builtin:{n}" for n in _BUILTIN_BUILDERS}
+
+
+# -- item 12: --help explains every option, with the real defaults ---------------------------------
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_meaning_and_real_defaults(capsys):
+    prune = _help("prune", capsys)
+    dtype = prune.split("options:")[1].split("--model.dtype {auto,checkpoint,bfloat16,float16,float32}")[1].split("--model.device")[0]
+    assert dtype.strip() == "auto: bf16 on GPU, fp32 on CPU; checkpoint: the dtype the weights were saved in (default: checkpoint)"
+    distill = _help("distill", capsys)
+    subset = distill.split("options:")[1].split("--data.subset {all,train,dev,test}")[1].split("--data.test-size")[0]
+    assert subset.strip().endswith("(default: train)") and "dev" in subset
+    assert "builtin:demo-base" in distill  # the built-in models are listed
+
+
+def test_every_option_has_a_meaning():
+    from stcompress.config import field_help, flat_fields
+
+    missing = [f"{name} {dotted}" for name, cmd in cli.COMMANDS.items()
+               for dotted, _, _ in flat_fields(cmd.config_cls) if not field_help(cmd.config_cls, dotted)]
+    assert not missing
+
+
+def test_run_help_lists_from_once_as_one_option(capsys):
+    text = _help("run", capsys)
+    assert "--from-stage VALUE, --from_stage VALUE, --from VALUE" in text
+    assert text.count("--from VALUE") == 1  # one option, not a second one with its own help
+    parser = cli.build_parser()
+    a = parser.parse_args(["run", "r.yaml", "--from", "x"])
+    b = parser.parse_args(["run", "r.yaml", "--from-stage", "x"])
+    assert vars(a)["cfg:from_stage"] == vars(b)["cfg:from_stage"] == "x"
+
+
+# -- item 13: --print-config prints the skeleton ---------------------------------------------------
+
+@pytest.mark.parametrize("command,field", [("export", "input"), ("report", "run_dir"), ("run", "recipe")])
+def test_print_config_marks_required_fields(command, field, capsys):
+    assert cli.main([command, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f"{field}: null  # required" in out
+    yaml.safe_load(out)  # still valid YAML
+
+
+def test_print_config_marks_a_missing_model(capsys):
+    assert cli.main(["translate", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "model:\n  path: null  # required" in out
+
+
+# -- item 14: no FutureWarnings under -q ------------------------------------------------------------
+
+def test_quiet_hides_future_warnings(tmp_path, monkeypatch):
+    seen = []
+
+    def stage(cfg, *, progress=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("`torch_dtype` is deprecated", FutureWarning)
+        seen.extend(caught)
+        return Path(cfg.output)
+
+    from stcompress.stages import translate
+
+    monkeypatch.setattr(translate, "run", stage)
+    assert cli.main(["translate", *MODEL, "--output", str(tmp_path / "o"), "-q"]) == 0
+    assert not seen
+
+
+def test_messages_suggest_the_flag(tmp_path):
+    from stcompress.config import DataConfig
+    from stcompress.data.sources import load_examples
+    from stcompress.errors import DataError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "missing.wav", "text_de": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"\(or pass --on-error skip to leave such items out\)"):
+        load_examples(DataConfig(dataset=str(manifest)))
