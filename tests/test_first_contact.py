@@ -214,3 +214,60 @@ def test_messages_suggest_the_flag(tmp_path):
     manifest.write_text(json.dumps({"id": "a", "audio": "missing.wav", "text_de": "x"}) + "\n")
     with pytest.raises(DataError, match=r"\(or pass --on-error skip to leave such items out\)"):
         load_examples(DataConfig(dataset=str(manifest)))
+
+
+# -- item 10: evaluate states segments scored / skipped; item 14: numbers formatted ----------------
+
+def test_evaluate_states_scored_and_skipped_segments(tmp_path, capsys):
+    tr = tmp_path / "tr"
+    tr.mkdir()
+    rows = [{"id": f"u{i}", "hypothesis": "Guten Morgen", "references": ["Guten Morgen"], "target_lang": "de"}
+            for i in range(2)]
+    (tr / "hypotheses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tr / "manifest.json").write_text(json.dumps({
+        "stage": "translate", "counts": {"translated": 2, "skipped": 4},
+        "model": {"decoder_layers": 4, "parameters": 1000},
+        "speed": {"segments_per_s": 1.0257387557399407, "tokens_per_s": 12.391351732157045, "seconds": 5.849137}}))
+    out = tmp_path / "ev"
+    assert cli.main(["evaluate", "--hypotheses", str(tr), "--metrics", "chrf", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "segments: 2 scored, 4 skipped (not in these scores)" in printed
+    assert "speed: 1.03 segments/s, 12.4 tokens/s (5.8 s)" in printed
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["segments_scored"], scores["segments_skipped"]) == (2, 4)
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {"scored": 2, "skipped": 4}
+
+
+# -- item 8: prune finds the ranked model from any working directory --------------------------------
+
+def _importance_output(root: Path, model: Path, *, resolved: bool) -> Path:
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "m").symlink_to(model)
+    imp = root / "runs" / "importance"
+    imp.mkdir(parents=True)
+    manifest = {"stage": "importance", "config": {"component": "decoder", "model": {"path": "models/m"}},
+                "removal_order": [2, 1]}
+    if resolved:  # what stcompress writes now: the resolved path and the content hash
+        manifest["inputs"] = {"model": {"path": str((root / "models" / "m").resolve()), "sha256": "x"}}
+    (imp / "manifest.json").write_text(json.dumps(manifest))
+    return imp
+
+
+def test_prune_reads_the_resolved_model_path_an_importance_manifest_records(tmp_path, tiny_model_dir, monkeypatch):
+    from stcompress.stages.prune import recorded_model
+
+    imp = _importance_output(tmp_path / "project", tiny_model_dir, resolved=True)
+    monkeypatch.chdir(tmp_path)
+    path, identity = recorded_model(str(imp))
+    assert Path(path) == tiny_model_dir.resolve() and identity["sha256"] == "x"
+
+
+def test_prune_of_an_older_importance_output_from_another_directory(tmp_path, tiny_model_dir, monkeypatch):
+    imp = _importance_output(tmp_path / "project", tiny_model_dir, resolved=False)  # relative path only
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", "--importance", str(imp), "--num-layers", "1", "--output", str(out), "--model.device", "cpu",
+                     "--check-segments", "1", "--check-max-new-tokens", "2", "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["removed_layers"] == [2] and Path(manifest["inputs"]["model"]["path"]) == tiny_model_dir.resolve()

@@ -100,7 +100,10 @@ def test_teacher_choice_and_cli(tmp_path, real_eval, capsys):
     assert "no evaluate output named 'nope'" in capsys.readouterr().err
 
 
-def test_report_without_scores(tmp_path):
-    (tmp_path / "run").mkdir()
-    out = report.run(ReportConfig(run_dir=str(tmp_path / "run")), progress=False)
-    assert "No evaluate outputs" in (out / "report.md").read_text()
+def test_report_without_scores_fails_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "run" / "tr").mkdir(parents=True)
+    (tmp_path / "run" / "tr" / "manifest.json").write_text('{"stage": "translate"}')
+    assert cli.main(["report", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no evaluate output (scores.json) to report (found: tr); run an evaluate stage first" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "report").exists()

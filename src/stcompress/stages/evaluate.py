@@ -103,19 +103,27 @@ def run(cfg: EvaluateConfig, *, progress: bool = True) -> Path:
     timings = {"score": time.perf_counter() - t1, "total": time.perf_counter() - t0}
     model = translation.model_info if translation else (source_manifest or {}).get("model")
     speed = translation.stats.to_dict() if translation else (source_manifest or {}).get("speed")
-    result = {"target_lang": lang, "segments": len(rows), "scores": scores, "model": model, "speed": speed}
+    skipped = len(translation.skipped) if translation else ((source_manifest or {}).get("counts") or {}).get("skipped", 0)
+    if skipped:
+        log.warning("scored %d segments; %d were skipped (unreadable or incomplete, listed in skipped.jsonl) and are "
+                    "not in these scores", len(rows), skipped)
+    result = {"target_lang": lang, "segments": len(rows), "segments_scored": len(rows), "segments_skipped": skipped,
+              "scores": scores, "model": model, "speed": speed}
     with staged_output(cfg.output) as out:
         if translation is not None:
             write_translation(out, "evaluate", to_dict(cfg), translation, scores=scores)
         else:
-            atomic_write_json(out / MANIFEST, build_manifest("evaluate", to_dict(cfg), inputs, timings, scores=scores))
+            atomic_write_json(out / MANIFEST, build_manifest("evaluate", to_dict(cfg), inputs, timings, scores=scores,
+                                                             counts={"scored": len(rows), "skipped": skipped}))
         atomic_write_json(out / SCORES, result)
     return Path(cfg.output)
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A short plain-text table of scores.json for the terminal."""
-    lines = [f"target language: {result['target_lang']}   segments: {result['segments']}"]
+    skipped = result.get("segments_skipped") or 0
+    counted = f"{result['segments']} scored" + (f", {skipped} skipped (not in these scores)" if skipped else "")
+    lines = [f"target language: {result['target_lang']}   segments: {counted}"]
     lines.append(f"{'metric':<8} {'score':>8}  signature")
     for name, s in result["scores"].items():
         lines.append(f"{name:<8} {s['score']:>8.2f}  {s['signature']}")
@@ -129,7 +137,7 @@ def format_table(result: dict[str, Any]) -> str:
     speed = result.get("speed") or {}
     if speed:
         lines.append(
-            f"speed: {speed['segments_per_s']} segments/s, {speed['tokens_per_s']} tokens/s "
-            f"({speed['seconds']} s)"
+            f"speed: {speed['segments_per_s']:.2f} segments/s, {speed['tokens_per_s']:.1f} tokens/s "
+            f"({speed['seconds']:.1f} s)"
         )
     return "\n".join(lines)

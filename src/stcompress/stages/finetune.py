@@ -388,6 +388,7 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
+    loss = stats["final_train_loss"]
     log.info("%s fine-tuning done: %d steps, final train loss %s -> %s", cfg.mode, state.step,
-             stats["final_train_loss"], cfg.output)
+             f"{loss:.2f}" if isinstance(loss, float) else loss, cfg.output)
     return Path(cfg.output)

@@ -49,19 +49,39 @@ def layers_to_remove(cfg: PruneConfig) -> tuple[list[int], dict[str, Any]]:
     return list(cfg.layers), {}
 
 
-def _model_path(cfg: PruneConfig) -> PruneConfig:
-    """Default the model to the one the importance search ranked."""
-    if cfg.importance and cfg.model.path == PruneConfig().model.path:
-        path = read_manifest(cfg.importance)["config"]["model"]["path"]
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path))
-    return cfg
+def recorded_model(importance: str | Path) -> tuple[str, dict[str, Any]]:
+    """The model an importance search ranked, usable from any working directory: the resolved path
+    its manifest's inputs record; for older manifests (a relative config path only), that path
+    resolved against the working directory, else against the folders above the manifest."""
+    manifest = read_manifest(importance)
+    identity = (manifest.get("inputs") or {}).get("model") or {}
+    recorded = identity.get("path") or manifest["config"]["model"]["path"]
+    path = Path(recorded).expanduser()
+    if identity.get("name") or path.is_absolute() or path.exists():
+        return identity.get("name") or recorded, identity
+    for base in Path(importance).resolve().parents:
+        if (base / path).exists():
+            return str(base / path), identity
+    return recorded, identity
+
+
+def _model_path(cfg: PruneConfig) -> tuple[PruneConfig, dict[str, Any]]:
+    """Default the model to the one the importance search ranked (and the identity it recorded)."""
+    if cfg.importance and not cfg.model.path:
+        path, identity = recorded_model(cfg.importance)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)), identity
+    return cfg, {}
 
 
 def run(cfg: PruneConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
-    cfg = _model_path(cfg)
+    cfg, ranked = _model_path(cfg)
     remove, source = layers_to_remove(cfg)
     loaded = load_model(cfg.model)
+    model_identity = path_identity(loaded.path)
+    if ranked.get("sha256") and model_identity.get("sha256") not in (None, ranked["sha256"]):
+        log.warning("model: %s differs from the model the importance search ranked (content hash changed since); "
+                    "its removal order may not fit", loaded.path)
     n_before = arch.num_decoder_layers(loaded.model)
     remove = check_layers(remove, n_before, item="layers")
     before = model_info(loaded)
@@ -75,7 +95,7 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> Path:
         verified = reload_check(loaded.model, loaded.processor, out, check, max_new_tokens=cfg.check_max_new_tokens)
         after = model_info(loaded) | {"path": str(Path(cfg.output).resolve()), "bytes_on_disk": weight_bytes(out)}
         manifest = build_manifest(
-            "prune", to_dict(cfg), {"model": path_identity(loaded.path), **source}, {"total": time.perf_counter() - t0},
+            "prune", to_dict(cfg), {"model": model_identity, **source}, {"total": time.perf_counter() - t0},
             removed_layers=sorted(remove), layer_map=layer_map, encoder_layer_map=encoder_map,
             base_model=loaded.path, model_before=before, model=after, reload_check=verified,
         )

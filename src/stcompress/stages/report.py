@@ -40,6 +40,7 @@ class Row:
     model: dict[str, Any]
     speed: dict[str, Any]
     segments: int
+    skipped: int = 0  # segments the evaluation could not score (unreadable audio, ...)
     layers_removed: int | None = None
     percent: dict[str, float] = field(default_factory=dict)
 
@@ -64,7 +65,7 @@ def read_rows(dirs: list[Path]) -> list[Row]:
             continue
         s = json.loads((d / "scores.json").read_text(encoding="utf-8"))
         rows.append(Row(name=d.name, lang=s["target_lang"], scores=s.get("scores") or {}, model=s.get("model") or {},
-                        speed=s.get("speed") or {}, segments=s.get("segments", 0)))
+                        speed=s.get("speed") or {}, segments=s.get("segments", 0), skipped=s.get("segments_skipped") or 0))
     return rows
 
 
@@ -217,6 +218,11 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _segments(rows: list[Row]) -> str:
+    skipped = [f"{r.name} {r.skipped}" for r in rows if r.skipped]
+    return f"{rows[0].segments} segments scored" + (f" (skipped, not scored: {', '.join(skipped)})" if skipped else "")
+
+
 def _signatures(rows: list[Row]) -> list[str]:
     sigs = {f"{m}: {s['signature']}" for r in rows for m, s in r.scores.items() if s.get("signature")}
     return sorted(sigs)
@@ -244,17 +250,14 @@ def render(cfg: ReportConfig, run_dir: Path, out: Path, dirs: list[Path]) -> dic
         body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,"
                     f"{base64.b64encode(data).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>")
 
-    if not rows:
-        md.append("No evaluate outputs in this run yet: run an `evaluate` stage to get scores.")
-        body.append("<p>No evaluate outputs in this run yet: run an <code>evaluate</code> stage to get scores.</p>")
     for lang, teacher in teachers.items():
         group = [r for r in rows if r.lang == lang]
         head, cells = table(group, teacher)
         name = language_name(lang)
         md.extend([f"## English -> {name} ({lang})", "", _md_table(head, cells), "",
-                   f"{group[0].segments} segments. Signatures:", "", *[f"- `{s}`" for s in _signatures(group)], ""])
+                   f"{_segments(group)}. Signatures:", "", *[f"- `{s}`" for s in _signatures(group)], ""])
         body.append(f"<h2>English &rarr; {html.escape(name)} ({lang})</h2>{_html_table(head, cells)}"
-                    f"<p>{group[0].segments} segments. Signatures:</p><ul>"
+                    f"<p>{html.escape(_segments(group))}. Signatures:</p><ul>"
                     + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in _signatures(group)) + "</ul>")
         metric = quality_metric(group)
         if (png := plot_layers(group, metric)) is not None:
@@ -299,6 +302,11 @@ def run(cfg: ReportConfig, *, progress: bool = True) -> Path:
         raise StcompressError(f"run_dir: {run_dir} is not a directory; give a `stcompress run` directory")
     output = Path(cfg.output) if cfg.output else run_dir / "report"
     dirs = stage_dirs(run_dir, skip=output)
+    if not any((d / "scores.json").is_file() for d in dirs):
+        # An empty report that exits 0 reads as "done"; in `stcompress run` the report stage fails the same way.
+        found = ", ".join(d.name for d in dirs) or "no finished stage outputs"
+        raise StcompressError(f"run_dir: {run_dir} holds no evaluate output (scores.json) to report (found: {found}); "
+                              "run an evaluate stage first (nothing was written)")
     with staged_output(output) as out:
         summary = render(cfg, run_dir, out, dirs)
         inputs = {d.name: path_identity(d / MANIFEST) for d in dirs}
