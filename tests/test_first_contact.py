@@ -262,6 +262,17 @@ def test_prune_reads_the_resolved_model_path_an_importance_manifest_records(tmp_
     assert Path(path) == tiny_model_dir.resolve() and identity["sha256"] == "x"
 
 
+def test_an_older_importance_output_resolves_against_its_own_location(tmp_path, tiny_model_dir, monkeypatch):
+    from stcompress.stages.prune import _model_path
+
+    imp = _importance_output(tmp_path / "project", tiny_model_dir, resolved=False)  # a relative path only
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg, _ = _model_path(load_config(PruneConfig, {"importance": str(imp)}))
+    assert Path(cfg.model.path).resolve() == tiny_model_dir.resolve()
+
+
+@pytest.mark.slow
 def test_prune_of_an_older_importance_output_from_another_directory(tmp_path, tiny_model_dir, monkeypatch):
     imp = _importance_output(tmp_path / "project", tiny_model_dir, resolved=False)  # relative path only
     (tmp_path / "elsewhere").mkdir()
