@@ -3,6 +3,7 @@ CLI explains itself. No model is loaded here: every check runs before one would 
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -282,3 +283,62 @@ def test_prune_of_an_older_importance_output_from_another_directory(tmp_path, ti
                      "--check-segments", "1", "--check-max-new-tokens", "2", "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["removed_layers"] == [2] and Path(manifest["inputs"]["model"]["path"]) == tiny_model_dir.resolve()
+
+
+# -- item 15: a progress line per stage under -q ----------------------------------------------------
+
+class _Log(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_quiet_mode_shows_stage_step_total_and_eta(monkeypatch):
+    from stcompress import progress
+
+    log = _Log()
+    monkeypatch.setattr(progress, "STATUS", progress.Status(enabled=True, interval=0.0, stream=log))
+    with progress.stage("[1/11] teacher (finetune)"):
+        bar = progress.bar(40, "finetune", "steps", progress=False)
+        for _ in range(3):
+            bar.update(1)
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[1/11] teacher (finetune): starting"
+    assert lines[2].startswith("[1/11] teacher (finetune): finetune 1/40 steps, ETA ")
+    assert lines[-2].startswith("[1/11] teacher (finetune): finetune 3/40 steps, done in ")
+    assert lines[-1].startswith("[1/11] teacher (finetune): finished in ")
+
+
+def test_status_line_rewrites_itself_on_a_terminal_and_is_rate_limited_in_a_log(monkeypatch):
+    from stcompress import progress
+
+    tty = _Tty()
+    monkeypatch.setattr(progress, "STATUS", progress.Status(enabled=True, stream=tty))
+    bar = progress.bar(5, "translate", "seg", progress=False, leave=False)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    assert "\n" not in tty.getvalue() and tty.getvalue().count("\r") == 7
+    log = _Log()
+    monkeypatch.setattr(progress, "STATUS", progress.Status(enabled=True, interval=3600, stream=log))
+    bar = progress.bar(500, "finetune", "steps", progress=False)
+    for _ in range(500):
+        bar.update(1)
+    bar.close()
+    assert len(log.getvalue().splitlines()) == 2  # the first line and the final one, not 500
+
+
+def test_quiet_cli_turns_the_status_line_on(tmp_path, monkeypatch):
+    from stcompress import progress
+    from stcompress.stages import translate
+
+    shown = []
+    monkeypatch.setattr(translate, "run", lambda cfg, *, progress=True: shown.append(progress) or Path(cfg.output))
+    monkeypatch.setattr(progress, "STATUS", progress.Status())
+    assert cli.main(["translate", *MODEL, "--output", str(tmp_path / "o"), "-q"]) == 0
+    assert shown == [False] and progress.STATUS.enabled  # no bars, the status line instead

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    from stcompress.progress import STATUS
+
+    STATUS.enabled = quiet  # -q: one status line instead of progress bars
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from stcompress.config import GenerationConfig, PromptConfig
 from stcompress.data.example import Example
@@ -23,6 +22,7 @@ from stcompress.errors import StcompressError
 from stcompress.metrics.efficiency import speed_report
 from stcompress.model import arch, static_decode
 from stcompress.model.tower_memo import tower_outputs
+from stcompress.progress import bar as progress_bar
 from stcompress.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Translator:
         todo = [ex for ex in examples if ex.id not in cache]
         if not todo:
             return cache
-        bar = tqdm(total=len(todo), desc="audio", unit="seg", disable=not self.progress, leave=False)
+        bar = progress_bar(len(todo), "audio", "seg", progress=self.progress, leave=False)
         states = tower_outputs(self.model, self.processor.feature_extractor, [ex.audio for ex in todo],
                                max(1, self.batch_size), on_batch=bar.update, remember=self.remember_audio)
         bar.close()
@@ -235,7 +235,7 @@ class Translator:
             order.sort(key=lambda i: -cache.n_tokens(examples[i].id))  # longest first: OOM shows early
         kwargs = self._generate_kwargs()
         results: dict[int, Hypothesis] = {}
-        bar = tqdm(total=len(order), desc="translate", unit="seg", disable=not self.progress, leave=False)
+        bar = progress_bar(len(order), "translate", "seg", progress=self.progress, leave=False)
         pos = 0
         while pos < len(order):
             idx = order[pos : pos + self.batch_size]

@@ -42,6 +42,7 @@ from typing import Any
 from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, file_hash
 from stcompress.config import RunConfig, load_config, read_yaml, to_dict
 from stcompress.errors import ConfigError, StcompressError
+from stcompress.progress import stage as stage_status
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,9 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
     log.info("stage %s (%s) -> %s", step.name, step.stage, step.output)
     t0 = time.perf_counter()
     try:
-        importlib.import_module(f"stcompress.stages.{step.stage}").run(step.config, progress=progress)
+        number = recipe.steps.index(step) + 1
+        with stage_status(f"[{number}/{len(recipe.steps)}] {step.name} ({step.stage})"):
+            importlib.import_module(f"stcompress.stages.{step.stage}").run(step.config, progress=progress)
     except BaseException as exc:
         record.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
                       seconds=round(time.perf_counter() - t0, 3), error=str(exc)[:500])

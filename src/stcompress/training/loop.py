@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from stcompress.config import FinetuneConfig, GenerationConfig
 from stcompress.data.example import Example
+from stcompress.progress import bar as progress_bar
 from stcompress.prompt import IGNORE_INDEX
 from stcompress.training import checkpoint as ckpt
 from stcompress.training.collate import Collator, Encoded
@@ -276,7 +276,7 @@ class Trainer:
 
     def _fit(self) -> ckpt.TrainerState:
         s, t, dev = self.state, self.cfg.train, self.cfg.dev
-        bar = tqdm(total=self.total, initial=s.step, desc="finetune", unit="step", disable=not self.progress)
+        bar = progress_bar(self.total, "finetune", "steps", progress=self.progress, initial=s.step)
         self.model.train()
         while not s.finished:
             loader, remaining = self._batches()
