@@ -264,7 +264,7 @@ def test_bad_items_fail_or_are_skipped(tmp_path):
     write(tmp_path / "empty.flac", np.zeros(0, np.float32))
     rows[3]["audio"] = "empty.flac"
     cfg = DataConfig(dataset=str(write_manifest(tmp_path / "m.jsonl", rows)), id_column="id")
-    with pytest.raises(DataError, match=r"^item 'utt-1': .*missing\.wav: audio file not found.*on_error: skip"):
+    with pytest.raises(DataError, match=r"^item 'utt-1': .*missing\.wav: audio file not found.*--on-error skip"):
         load_examples(cfg)
     result = load_examples(cfg, on_error="skip")
     assert [e.id for e in result.examples] == ["utt-0"]
