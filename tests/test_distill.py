@@ -57,7 +57,7 @@ def test_kd_rows_filter_upsample_teacher_only():
 
 def test_config_problems_reported_together():
     with pytest.raises(ConfigError) as err:
-        load_config(DistillConfig, {"upsample": 0, "filter_metric": "comet", "min_score": 120})
+        load_config(DistillConfig, {"upsample": 0, "filter_metric": "comet", "min_score": 120, "model": {"path": "x/y"}})
     assert len(err.value.problems) == 3 and "upsample" in str(err.value) and "filter_metric" in str(err.value)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from stcompress import __version__
 from stcompress.config import (
+    BUILTIN_MODELS,
     DemoConfig,
     DistillConfig,
     EvaluateConfig,
@@ -26,7 +27,6 @@ from stcompress.config import (
     ImportanceConfig,
     PruneConfig,
     ReportConfig,
-    BUILTIN_MODELS,
     RunConfig,
     TranslateConfig,
     config_yaml,
@@ -144,19 +144,23 @@ def _add_config_options(parser: argparse.ArgumentParser, command: str, cls: type
         )
 
 
-EPILOG = ("Built-in models (--model.path, offline): " + ", ".join(BUILTIN_MODELS)
-          + ". Built-in datasets (--data.dataset): builtin, builtin:demo-train, builtin:demo-dev, builtin:demo-kd, "
-          "builtin:demo-test. Options also come from --config FILE.yaml; `--print-config` shows them all.")
+def _epilog() -> str:
+    from stcompress.data.sources import BUILTIN_DATASETS
+
+    return (f"Built-in models (--model.path, built offline): {', '.join(BUILTIN_MODELS)}. Built-in datasets "
+            f"(--data.dataset): {', '.join(BUILTIN_DATASETS)}. Options also come from --config FILE.yaml; "
+            "--print-config shows them all.")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    epilog = _epilog()
     parser = argparse.ArgumentParser(
-        prog="stcompress", description="Compress audio-language models for speech translation.", epilog=EPILOG
+        prog="stcompress", description="Compress audio-language models for speech translation.", epilog=epilog
     )
     parser.add_argument("--version", action="version", version=f"stcompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=EPILOG)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=epilog)
         p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config; command-line options override it")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML (required fields still missing are marked) and exit")
