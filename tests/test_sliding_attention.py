@@ -7,6 +7,7 @@ transformers' own generate, in both transformers families (CI runs this file und
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from stcompress.config import DataConfig, GenerationConfig, ModelConfig, PruneCo
 from stcompress.data.example import Example
 from stcompress.model import arch, static_decode
 from stcompress.model.layers import remove_decoder_layers
-from stcompress.model.load import load_model
 from stcompress.model.tiny import tiny_model_cache
 from stcompress.stages import prune
 from stcompress.translate import Translator
@@ -33,6 +33,11 @@ EOS = {151645, 151643}
 @pytest.fixture(scope="module")
 def gemma_dir() -> Path:
     return tiny_model_cache(**GEMMA)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_dir):
+    return _plain(gemma_dir)
 
 
 def _plain(directory: Path):
@@ -69,10 +74,9 @@ def test_tiny_gemma_text_model_has_sliding_and_full_layers(gemma_dir):
     assert config["sliding_window"] == 8
 
 
-def test_static_cache_refuses_what_it_does_not_compute(gemma_dir, tiny_model_dir):
-    gemma, _ = _plain(gemma_dir)
+def test_static_cache_refuses_what_it_does_not_compute(gemma, tiny_model_dir):
     qwen, _ = _plain(tiny_model_dir)
-    assert not static_decode.supported(gemma)
+    assert not static_decode.supported(gemma[0])
     assert static_decode.supported(qwen)
     arch.text_config(qwen).layer_types = ["sliding_attention"] + ["full_attention"] * 3
     try:
@@ -81,8 +85,8 @@ def test_static_cache_refuses_what_it_does_not_compute(gemma_dir, tiny_model_dir
         arch.text_config(qwen).layer_types = ["full_attention"] * 4
 
 
-def test_translate_equals_transformers_generate(gemma_dir, speech_like):
-    model, processor = _plain(gemma_dir)
+def test_translate_equals_transformers_generate(gemma, speech_like):
+    model, processor = gemma
     examples = _examples(speech_like)
     expected = _generate(model, processor, examples)
     assert len({text for text, _ in expected}) > 1  # the outputs depend on the audio
@@ -91,7 +95,7 @@ def test_translate_equals_transformers_generate(gemma_dir, speech_like):
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
-def test_prune_then_reload_decodes_like_generate(gemma_dir, speech_like, make_wav, tmp_path, layer):
+def test_prune_then_reload_decodes_like_generate(gemma_dir, gemma, speech_like, make_wav, tmp_path, layer):
     rows = [{"id": f"c{i}", "audio": make_wav(f"c{i}.wav", seconds=1.0 + i, seed=i).name, "text_de": "x"} for i in range(2)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = PruneConfig(output=str(tmp_path / "pruned"), layers=(layer,), check_segments=2, check_max_new_tokens=8,
@@ -104,14 +108,13 @@ def test_prune_then_reload_decodes_like_generate(gemma_dir, speech_like, make_wa
     assert saved["layer_types"] == [t for i, t in enumerate(LAYER_TYPES) if i != layer]
 
     reloaded, processor = _plain(out)
-    manual, _ = _plain(gemma_dir)
+    manual = copy.deepcopy(gemma[0])
     remove_decoder_layers(manual, [layer])
     examples = _examples(speech_like)
     expected = _generate(reloaded, processor, examples)
     assert _generate(manual, processor, examples) == expected  # the saved model is the pruned model
     assert _translate(reloaded, processor, examples) == expected
-    full, _ = _plain(gemma_dir)
-    assert _generate(full, processor, examples) != expected  # removing the layer changed something
+    assert _generate(gemma[0], processor, examples) != expected  # removing the layer changed something
 
 
 def test_prune_reload_check_uses_the_generation_options(tiny_model_dir, make_wav, tmp_path, monkeypatch):
@@ -127,5 +130,5 @@ def test_prune_reload_check_uses_the_generation_options(tiny_model_dir, make_wav
                       model=ModelConfig(path=str(tiny_model_dir), device="cpu", dtype="float32"),
                       data=DataConfig(dataset=str(tmp_path / "m.jsonl"), target_lang="de"),
                       generation=GenerationConfig(static_cache=False))
-    assert (prune.run(cfg, progress=False) / "manifest.json").is_file()
-    assert load_model(ModelConfig(path=str(tmp_path / "pruned"), device="cpu")).model.config.text_config.num_hidden_layers == 3
+    manifest = json.loads((prune.run(cfg, progress=False) / "manifest.json").read_text())
+    assert manifest["reload_check"]["identical"] and manifest["config"]["generation"]["static_cache"] is False
