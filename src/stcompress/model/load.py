@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +84,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
-    """A torch dtype, or "auto" (transformers' word for: the dtype the checkpoint was saved in)."""
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def saved_quantization(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A local checkpoint's `quantization_config` and saved dtype name (None, None for a hub id)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None, None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None  # from_pretrained reports it, with the file named (load_failure)
+    dtype = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    quant = config.get("quantization_config")
+    return (quant if isinstance(quant, dict) else None), (dtype if isinstance(dtype, str) else None)
+
+
+def resolve_dtype(name: str, device: torch.device, *, path: str | None = None) -> torch.dtype | str:
+    """A torch dtype, or "auto" (transformers' word for: the dtype the checkpoint was saved in).
+
+    A 4-bit checkpoint (an NF4 export) loads in the dtype it was saved in under "auto": its
+    non-quantized tensors and compute dtype were chosen together, and bitsandbytes models cannot
+    be cast afterwards (fp32 on CPU left bf16 activations meeting fp32 conv biases).
+    """
+    quant, saved = saved_quantization(path) if path else (None, None)
     if name == "checkpoint":
         return "auto"
     if name == "auto":
+        if quant is not None:
+            return "auto"
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    if quant is not None and saved in _DTYPES and name != saved:
+        raise ModelError(
+            f"model.dtype: {path} is a {quant.get('quant_method', 'quantized')} checkpoint saved in {saved}; "
+            f"it cannot be loaded in {name}: leave model.dtype at auto (or pass --model.dtype {saved})"
+        )
+    return _DTYPES[name]
 
 
 def check_options(cfg: ModelConfig, device: torch.device) -> None:
@@ -123,8 +154,8 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     when cfg.load_in_4bit (export uses it to choose which components stay unquantized)."""
     device = resolve_device(cfg.device)
     check_options(cfg, device)
-    dtype = resolve_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.path)
+    dtype = resolve_dtype(cfg.dtype, device, path=path)
     kwargs: dict[str, Any] = {("dtype" if _TF_VERSION >= Version("4.56") else "torch_dtype"): dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
