@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,85 @@ def check_model_dir(directory: Path) -> None:
         )
     if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelError(f"{item} has no tokenizer files; copy them from the base model (processor.save_pretrained(dir))")
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+_LOAD_ERRORS = _load_errors()  # json.JSONDecodeError is a ValueError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def weight_file_problem(directory: Path) -> str | None:
+    """The first weight file of a local model that cannot be read, and why (None: all read)."""
+    from safetensors import safe_open
+
+    for index in sorted(directory.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"{index} is not a readable shard index ({_first_line(exc)}); copy it again from the source"
+        missing = sorted(s for s in shards if not (directory / s).is_file())
+        if missing:
+            return f"{directory / missing[0]} is missing (listed in {index.name}): the download or copy is incomplete; fetch it again"
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Truncation is told by sizes (the file declares its header length and every tensor's end
+    offset); any other damage by safetensors itself."""
+    from safetensors import safe_open
+
+    size = file.stat().st_size
+    needed = 8
+    try:
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            if size >= 8 and n < _MAX_HEADER:
+                needed = 8 + n
+                if size >= needed:
+                    header = json.loads(f.read(n))
+                    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+                    needed += max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass  # not a safetensors layout: safe_open below says so
+    if size < needed:
+        return (f"{file} is truncated ({size:,} of {needed:,} bytes): the download or copy stopped early or the disk "
+                "filled up; free space and fetch the file again")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            next(iter(f.keys()), None)
+    except Exception as exc:  # safetensors raises its own error type for every kind of damage
+        return f"{file} is not a valid safetensors file ({_first_line(exc)}): it is corrupt or in another format; fetch it again"
+    return None
+
+
+def load_failure(path: str, exc: BaseException) -> ModelError:
+    """One line for a failed from_pretrained: the damaged file and the likely cause when local."""
+    local = Path(path)
+    if local.is_dir():
+        problem = weight_file_problem(local)
+        if problem:
+            return ModelError(f"model.path: cannot load {path}: {problem}")
+        return ModelError(
+            f"model.path: cannot load {path} ({type(exc).__name__}: {_first_line(exc)}); a file is corrupt, incomplete or "
+            "not written by save_pretrained: check config.json and the weight files, or save the model again"
+        )
+    return ModelError(f"model.path: cannot load {path!r} ({_first_line(exc)}); check the hub id, the network, or the directory")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,9 +250,8 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     try:
         model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = transformers.AutoProcessor.from_pretrained(path)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.path: cannot load {path!r} ({first}); check the hub id or directory") from None
+    except _LOAD_ERRORS as exc:
+        raise load_failure(path, exc) from None
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
