@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from stcompress.artifacts import MANIFEST, atomic_write_json, atomic_write_text, build_manifest, path_identity, staged_output
-from stcompress.config import ExportConfig, GenerationConfig, ModelConfig, to_dict
+from stcompress.config import ExportConfig, ModelConfig, to_dict
 from stcompress.data.example import Example
 from stcompress.data.sources import load_examples
 from stcompress.errors import ConfigError, DataError, ModelError
