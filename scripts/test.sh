@@ -8,6 +8,7 @@ export SACREBLEU="${SACREBLEU:-$(mktemp -d)}"
 scripts/setup.sh "$root/.venv" tf5 >/dev/null
 scripts/setup.sh "$root/.venv-tf4" tf4 >/dev/null
 echo "== transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
-.venv/bin/python -m pytest -q "$@"
+# tests/test_portability.py decodes what one family saved under the other family's interpreter
+STCOMPRESS_OTHER_PYTHON="$root/.venv-tf4/bin/python" .venv/bin/python -m pytest -q "$@"
 echo "== transformers $(.venv-tf4/bin/python -c 'import transformers; print(transformers.__version__)')"
-.venv-tf4/bin/python -m pytest -q "$@"
+STCOMPRESS_OTHER_PYTHON="$root/.venv/bin/python" .venv-tf4/bin/python -m pytest -q "$@"

@@ -478,6 +478,7 @@ class PruneConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="checkpoint"))
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
 
     def problems(self) -> list[str]:
         out = []
@@ -547,6 +548,7 @@ class ExportConfig:
     check_min_agreement: float = 1.0  # nf4 reload check: greedy token agreement required (1.0 = exact)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
 
     def problems(self) -> list[str]:
         from stcompress.model.arch import QUANTIZABLE_COMPONENTS

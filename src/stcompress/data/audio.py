@@ -31,8 +31,11 @@ def load_audio(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: {what}; check the path (relative paths are resolved against the manifest's folder)")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, sf.SoundFileError, RuntimeError, ValueError) as exc:
+        with path.open("rb") as f:
+            head = f.read(_HEADER_BYTES)
+    except (sf.LibsndfileError, sf.SoundFileError, RuntimeError, ValueError, OSError) as exc:
         raise DataError(f"{path}: cannot read audio ({_short(exc)}); {_CONVERT_HINT}") from None
+    _check_complete(head, data.shape[0], rate, str(path))
     return _finish(data, rate, str(path))
 
 
@@ -44,7 +47,40 @@ def decode_audio_bytes(data: bytes, *, name: str = "audio bytes") -> np.ndarray:
         array, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, sf.SoundFileError, RuntimeError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode audio bytes ({_short(exc)}); {_CONVERT_HINT}") from None
+    _check_complete(data[:_HEADER_BYTES], array.shape[0], rate, name)
     return _finish(array, rate, name)
+
+
+_HEADER_BYTES = 1 << 16  # WAV chunks before `data` (fmt, fact, LIST, PEAK) fit in far less
+
+
+def wav_declared_frames(head: bytes) -> int | None:
+    """Frames a RIFF/WAVE header declares (data chunk size / block align); None when the bytes are
+    not a WAV header or the size is the 'unknown length' placeholder streaming writers leave."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt " and pos + 22 <= len(head):
+            block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")
+        elif chunk == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    return None
+
+
+def _check_complete(head: bytes, frames: int, rate: int, name: str) -> None:
+    """A WAV cut short (interrupted copy or download) decodes without error to the frames that are
+    left: refuse it rather than translate part of the speech."""
+    declared = wav_declared_frames(head)
+    if declared is not None and frames < declared:
+        raise DataError(
+            f"{name}: the file is cut short: its WAV header declares {declared} frames ({declared / rate:.2f} s) "
+            f"but it holds {frames} ({frames / rate:.2f} s); copy or download it again, or re-export it"
+        )
 
 
 def to_mono_16k(array: np.ndarray, sample_rate: int | float | None, *, name: str = "audio array") -> np.ndarray:

@@ -105,6 +105,37 @@ def _spec(name: str) -> MetricSpec:
     raise StcompressError(f"metric {name!r}: unknown metric; use one of {', '.join(available_metrics())}")
 
 
+# sacrebleu tokenizers that need packages of their own -> our extra that installs them
+_TOKENIZER_EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}
+
+
+def check_scorer(lang: str, metrics: Sequence[str], *, item: str = "data.target_lang") -> None:
+    """Fail before any model loads when a metric cannot score `lang` on this machine.
+
+    Japanese and Korean BLEU tokenize with MeCab (sacrebleu's `ja-mecab` / `ko-mecab`), an
+    optional dependency; building each scorer once is the exact test (chrF needs no tokenizer).
+    """
+    check_language(lang, item=item)
+    for name in metrics:
+        if name not in METRICS:
+            continue  # unknown names are reported by the metric checks; model metrics elsewhere
+        try:
+            METRICS[name].build(lang, False)
+        except (RuntimeError, ImportError) as exc:
+            tokenizer = bleu_tokenizer(lang)
+            extra = _TOKENIZER_EXTRAS.get(tokenizer)
+            fix = f"pip install 'stcompress[{extra}]'" if extra else "reinstall sacrebleu"
+            raise StcompressError(
+                f"{item}: {name} for {lang!r} needs sacrebleu's {tokenizer} tokenizer, which cannot run here "
+                f"({_first_line(exc)}); {fix}, or score with chrf only (--metrics chrf)"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _check_hypotheses(hypotheses: Sequence[str]) -> list[str]:
     if isinstance(hypotheses, str) or not isinstance(hypotheses, Sequence):
         raise StcompressError("hypotheses: expected a list of strings; pass one string per segment")

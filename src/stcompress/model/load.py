@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,85 @@ def check_model_dir(directory: Path) -> None:
         raise ModelError(f"{item} has no tokenizer files; copy them from the base model (processor.save_pretrained(dir))")
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+_LOAD_ERRORS = _load_errors()  # json.JSONDecodeError is a ValueError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def weight_file_problem(directory: Path) -> str | None:
+    """The first weight file of a local model that cannot be read, and why (None: all read)."""
+    from safetensors import safe_open
+
+    for index in sorted(directory.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"{index} is not a readable shard index ({_first_line(exc)}); copy it again from the source"
+        missing = sorted(s for s in shards if not (directory / s).is_file())
+        if missing:
+            return f"{directory / missing[0]} is missing (listed in {index.name}): the download or copy is incomplete; fetch it again"
+    for file in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Truncation is told by sizes (the file declares its header length and every tensor's end
+    offset); any other damage by safetensors itself."""
+    from safetensors import safe_open
+
+    size = file.stat().st_size
+    needed = 8
+    try:
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            if size >= 8 and n < _MAX_HEADER:
+                needed = 8 + n
+                if size >= needed:
+                    header = json.loads(f.read(n))
+                    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+                    needed += max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass  # not a safetensors layout: safe_open below says so
+    if size < needed:
+        return (f"{file} is truncated ({size:,} of {needed:,} bytes): the download or copy stopped early or the disk "
+                "filled up; free space and fetch the file again")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            next(iter(f.keys()), None)
+    except Exception as exc:  # safetensors raises its own error type for every kind of damage
+        return f"{file} is not a valid safetensors file ({_first_line(exc)}): it is corrupt or in another format; fetch it again"
+    return None
+
+
+def load_failure(path: str, exc: BaseException) -> ModelError:
+    """One line for a failed from_pretrained: the damaged file and the likely cause when local."""
+    local = Path(path)
+    if local.is_dir():
+        problem = weight_file_problem(local)
+        if problem:
+            return ModelError(f"model.path: cannot load {path}: {problem}")
+        return ModelError(
+            f"model.path: cannot load {path} ({type(exc).__name__}: {_first_line(exc)}); a file is corrupt, incomplete or "
+            "not written by save_pretrained: check config.json and the weight files, or save the model again"
+        )
+    return ModelError(f"model.path: cannot load {path!r} ({_first_line(exc)}); check the hub id, the network, or the directory")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,13 +165,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
-    """A torch dtype, or "auto" (transformers' word for: the dtype the checkpoint was saved in)."""
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def saved_quantization(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A local checkpoint's `quantization_config` and saved dtype name (None, None for a hub id)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None, None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None  # from_pretrained reports it, with the file named (load_failure)
+    dtype = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype")
+    quant = config.get("quantization_config")
+    return (quant if isinstance(quant, dict) else None), (dtype if isinstance(dtype, str) else None)
+
+
+def resolve_dtype(name: str, device: torch.device, *, path: str | None = None) -> torch.dtype | str:
+    """A torch dtype, or "auto" (transformers' word for: the dtype the checkpoint was saved in).
+
+    A 4-bit checkpoint (an NF4 export) loads in the dtype it was saved in under "auto": its
+    non-quantized tensors and compute dtype were chosen together, and bitsandbytes models cannot
+    be cast afterwards (fp32 on CPU left bf16 activations meeting fp32 conv biases).
+    """
+    quant, saved = saved_quantization(path) if path else (None, None)
     if name == "checkpoint":
         return "auto"
     if name == "auto":
+        if quant is not None:
+            return "auto"
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    if quant is not None and saved in _DTYPES and name != saved:
+        raise ModelError(
+            f"model.dtype: {path} is a {quant.get('quant_method', 'quantized')} checkpoint saved in {saved}; "
+            f"it cannot be loaded in {name}: leave model.dtype at auto (or pass --model.dtype {saved})"
+        )
+    return _DTYPES[name]
 
 
 def check_options(cfg: ModelConfig, device: torch.device) -> None:
@@ -124,8 +235,8 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     when cfg.load_in_4bit (export uses it to choose which components stay unquantized)."""
     device = resolve_device(cfg.device)
     check_options(cfg, device)
-    dtype = resolve_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.path)
+    dtype = resolve_dtype(cfg.dtype, device, path=path)
     kwargs: dict[str, Any] = {("dtype" if _TF_VERSION >= Version("4.56") else "torch_dtype"): dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -140,9 +251,8 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     try:
         model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = transformers.AutoProcessor.from_pretrained(path)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.path: cannot load {path!r} ({first}); check the hub id or directory") from None
+    except _LOAD_ERRORS as exc:
+        raise load_failure(path, exc) from None
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()

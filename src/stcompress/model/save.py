@@ -7,6 +7,7 @@ the output must equal the in-memory model's, token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -41,11 +42,55 @@ def make_processor_files_portable(directory: Path, processor: Any) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _legacy_rope(config: dict[str, Any]) -> None:
+    """Add 4.5x's rope keys beside 5.x's `rope_parameters` in one (sub)config dict.
+
+    5.x reads `rope_parameters` first; 4.5x reads only `rope_theta` / `rope_scaling` (and Gemma 3's
+    `rope_local_base_freq` for its sliding layers) and falls back to 10000 without them.
+    """
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return
+    per_type = {k: v for k, v in params.items() if isinstance(v, dict)}
+    full = per_type.get("full_attention", params) if per_type else params
+    if "rope_theta" in full:
+        config["rope_theta"] = full["rope_theta"]
+    if "rope_theta" in per_type.get("sliding_attention", {}):
+        config["rope_local_base_freq"] = per_type["sliding_attention"]["rope_theta"]
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    config["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+
+
+def make_config_portable(directory: Path) -> None:
+    """Let config.json written by transformers 5.x load to the same model in 4.5x (the reverse holds).
+
+    5.x keeps the rotary base only in `rope_parameters` (a 4.5x reader silently decodes with base
+    10000) and the dtype under `dtype` (4.5x before 4.56 reads `torch_dtype`): write both spellings.
+    """
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+
+    def visit(node: dict[str, Any]) -> None:
+        _legacy_rope(node)
+        if "dtype" in node and "torch_dtype" not in node:
+            node["torch_dtype"] = node["dtype"]
+        for value in node.values():
+            if isinstance(value, dict) and "model_type" in value:
+                visit(value)
+
+    before = json.dumps(config, sort_keys=True)
+    visit(config)
+    if json.dumps(config, sort_keys=True) != before:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_model(model: Any, processor: Any, directory: str | Path) -> Path:
-    """safetensors weights + config + generation config + processor (tokenizer, chat template)."""
+    """safetensors weights + config + generation config + processor (tokenizer, chat template),
+    readable by transformers 4.5x and 5.x alike."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
+    make_config_portable(directory)
     processor.save_pretrained(str(directory))
     make_processor_files_portable(directory, processor)
     return directory
@@ -88,14 +133,17 @@ def teacher_forced_difference(a: Any, b: Any, processor: Any, examples: Sequence
 
 
 def reload_check(
-    model: Any, processor: Any, directory: str | Path, examples: Sequence[Example], *, max_new_tokens: int = 16
+    model: Any, processor: Any, directory: str | Path, examples: Sequence[Example], *, max_new_tokens: int = 16,
+    generation: GenerationConfig | None = None,
 ) -> dict[str, Any]:
     """Reload `directory` and require the same greedy output as the in-memory model (on CUDA: or
-    teacher-forced logits within GPU_LOGIT_TOLERANCE, see above)."""
+    teacher-forced logits within GPU_LOGIT_TOLERANCE, see above). `generation`: the stage's decoding
+    options (static_cache, ...), so the check decodes the way the stage's users will."""
     from stcompress.model.load import load_model
     from stcompress.translate import Translator
 
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=max(1, len(examples)))
+    gen = dataclasses.replace(generation or GenerationConfig(), max_new_tokens=max_new_tokens,
+                              batch_size=max(1, len(examples)))
     device = next(model.parameters()).device
     before = Translator(model, processor, generation=gen, progress=False).translate(examples)
     reloaded = load_model(ModelConfig(path=str(directory), dtype=_dtype_name(model), device=str(device)))

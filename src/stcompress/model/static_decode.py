@@ -20,12 +20,23 @@ from stcompress.model import arch
 
 
 def supported(model: nn.Module) -> bool:
-    """Plain nn.Linear projections only (no 4-bit, no LoRA wrappers) and no sliding windows."""
+    """True only for what `_step` computes exactly: Qwen2's decoder layers, full (causal) attention
+    in every layer, default rotary, plain nn.Linear projections (no 4-bit, no LoRA wrappers).
+
+    Anything else (Gemma 3's sliding-window layers, q/k norms and sandwich norms, a Qwen2 with
+    `use_sliding_window`, scaled rotary) decodes with transformers' own step instead.
+    """
     config = arch.text_config(model)
     rotary = getattr(arch.text_model(model), "rotary_emb", None)
-    if getattr(config, "use_sliding_window", False) or getattr(rotary, "rope_type", None) != "default":
+    if getattr(config, "model_type", None) != "qwen2" or getattr(config, "use_sliding_window", False):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(rotary, "rope_type", None) != "default":
         return False
     for layer in arch.decoder_layers(model):
+        if type(layer).__name__ != "Qwen2DecoderLayer" or getattr(layer.self_attn, "sliding_window", None):
+            return False
         mods = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
         if any(type(m) is not nn.Linear for m in mods):

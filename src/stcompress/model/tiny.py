@@ -64,6 +64,12 @@ class TinySpec:
     num_mel_bins: int = 80  # Whisper tiny/base layout, so real Whisper encoder weights could drop in
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    rope_theta: float = 10000.0  # Gemma 3: the full-attention layers' base (sliding layers: 10000)
+    # "qwen2" (the real model's text decoder) or "gemma3_text": Gemma 3's decoder with `layer_types`
+    # mixing "sliding_attention" and "full_attention" and a `sliding_window` (tokens)
+    text_model_type: str = "qwen2"
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
 
 
 def padded_vocab(n_ids: int) -> int:
@@ -88,13 +94,33 @@ def tiny_config(spec: TinySpec, *, vocab_size: int = TINY_VOCAB_SIZE, ids: dict[
         model_type="qwen2", vocab_size=vocab_size, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, hidden_act="silu",
-        max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=8192, rope_theta=spec.rope_theta, rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_sliding_window=False,
         bos_token_id=ids["pad"], eos_token_id=ids["eos"],
     )
+    if spec.text_model_type == "gemma3_text":
+        text = _gemma3_text(spec, text, ids)
+    elif spec.text_model_type != "qwen2":
+        raise ModelError(f"tiny model: text_model_type {spec.text_model_type!r} is not built; use qwen2 or gemma3_text")
     # `audio_token_index` is the stored name in 4.5x and 5.x; both map `audio_token_id` onto it.
     return Qwen2AudioConfig(
         audio_config=audio, text_config=text, audio_token_index=ids["audio"], tie_word_embeddings=False
+    )
+
+
+def _gemma3_text(spec: TinySpec, qwen: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
+    """Gemma 3's decoder (q/k norms, sandwich norms, scaled embeddings, per-layer sliding or full
+    attention with their own rope bases) in the tiny widths; Gemma 3 270M's text model, only smaller."""
+    layer_types = list(spec.layer_types or ["sliding_attention"] * (spec.text_layers - 1) + ["full_attention"])
+    if len(layer_types) != spec.text_layers:
+        raise ModelError(f"tiny model: layer_types has {len(layer_types)} entries for {spec.text_layers} text layers; give one per layer")
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+    head_dim = spec.hidden_size // spec.num_heads
+    return {k: qwen[k] for k in keep} | dict(
+        model_type="gemma3_text", head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        hidden_activation="gelu_pytorch_tanh", layer_types=layer_types, sliding_window=spec.sliding_window or 4096,
+        rope_local_base_freq=10000.0, pad_token_id=ids["pad"], bos_token_id=ids["pad"], eos_token_id=ids["eos"],
     )
 
 
@@ -181,8 +207,14 @@ def build_tiny_model(out_dir: str | Path, **spec: Any) -> Path:
     return out
 
 
+# Fields added after the first release: recorded only when set, so older cache keys stay valid.
+_OPTIONAL_FIELDS = {"rope_theta": 10000.0, "text_model_type": "qwen2", "layer_types": None, "sliding_window": None}
+
+
 def _spec_record(tiny: TinySpec) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in asdict(tiny).items()}
+    record = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in asdict(tiny).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()
+            if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}
 
 
 def _cache_key(tiny: TinySpec) -> str:

@@ -29,7 +29,7 @@ from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, pa
 from stcompress.config import DistillConfig, to_dict
 from stcompress.data.sources import load_examples
 from stcompress.errors import ConfigError, DataError
-from stcompress.metrics.text import sentence_scores
+from stcompress.metrics.text import check_scorer, sentence_scores
 from stcompress.model.load import load_model
 from stcompress.stages.translate import HYPOTHESES, SKIPPED, data_identity, hypothesis_row, model_info, skipped_rows
 from stcompress.translate import RunStats, Translator
@@ -127,6 +127,8 @@ def resolve_teacher(cfg: DistillConfig) -> DistillConfig:
 def run(cfg: DistillConfig, *, progress: bool = True) -> Path:
     if problems := cfg.problems():
         raise ConfigError(problems)
+    if cfg.min_score is not None:
+        check_scorer(cfg.data.target_lang, [cfg.filter_metric])
     teacher_cfg = resolve_teacher(cfg).model
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

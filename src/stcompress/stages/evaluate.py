@@ -18,7 +18,7 @@ from stcompress.config import EvaluateConfig, TranslateConfig, to_dict
 from stcompress.data.sources import load_examples
 from stcompress.errors import DataError
 from stcompress.metrics.comet import CometScorer
-from stcompress.metrics.text import corpus_scores
+from stcompress.metrics.text import check_scorer, corpus_scores
 from stcompress.stages.translate import HYPOTHESES, translate_dataset, write_translation
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ def score_rows(rows: list[dict[str, Any]], cfg: EvaluateConfig, lang: str) -> di
 def run(cfg: EvaluateConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     translation = None
+    if not cfg.hypotheses:
+        check_scorer(cfg.data.target_lang, cfg.metrics)  # before the model translates anything
     if cfg.hypotheses:
         rows, source_manifest, file = _read_hypotheses(cfg.hypotheses)
         inputs = {"hypotheses": path_identity(file)}
@@ -98,6 +100,7 @@ def run(cfg: EvaluateConfig, *, progress: bool = True) -> Path:
         raise DataError("hypotheses: nothing to evaluate (0 segments); check the data selection")
     _attach_references(rows, cfg)
     lang = _language(rows, cfg.data.target_lang)
+    check_scorer(lang, cfg.metrics, item="target_lang")
     t1 = time.perf_counter()
     scores = score_rows(rows, cfg, lang)
     timings = {"score": time.perf_counter() - t1, "total": time.perf_counter() - t0}

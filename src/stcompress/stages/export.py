@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from stcompress.artifacts import MANIFEST, atomic_write_json, atomic_write_text, build_manifest, path_identity, staged_output
-from stcompress.config import ExportConfig, GenerationConfig, ModelConfig, to_dict
+from stcompress.config import ExportConfig, ModelConfig, to_dict
 from stcompress.data.example import Example
 from stcompress.data.sources import load_examples
 from stcompress.errors import ConfigError, DataError, ModelError
@@ -267,7 +267,7 @@ def nf4_config(cfg: ExportConfig) -> Any:
 
 
 def _translate(loaded: LoadedModel, examples: Sequence[Example], cfg: ExportConfig) -> list[Hypothesis]:
-    gen = GenerationConfig(max_new_tokens=cfg.check_max_new_tokens, batch_size=len(examples))
+    gen = dataclasses.replace(cfg.generation, max_new_tokens=cfg.check_max_new_tokens, batch_size=len(examples))
     return Translator(loaded.model, loaded.processor, cfg.prompt, gen, progress=False).translate(examples)
 
 
@@ -447,7 +447,8 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
             loaded, check = export_nf4(loaded, out, examples, cfg)
         else:
             save_model(loaded.model, loaded.processor, out)
-            check = reload_check(loaded.model, loaded.processor, out, examples, max_new_tokens=cfg.check_max_new_tokens)
+            check = reload_check(loaded.model, loaded.processor, out, examples, max_new_tokens=cfg.check_max_new_tokens,
+                                 generation=cfg.generation)
         timings["save_and_check"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         model = _write_records(out, cfg, source, origin, loaded, check, timings)

@@ -27,6 +27,7 @@ from stcompress.importance.plots import heatmap
 from stcompress.importance.search import GreedySearch, SearchResult, SearchSettings, candidate_layers
 from stcompress.languages import default_selection_metric
 from stcompress.metrics.comet import CometScorer
+from stcompress.metrics.text import check_scorer
 from stcompress.model.load import LoadedModel, load_model
 from stcompress.stages.translate import data_identity, model_info
 from stcompress.translate import Translator
@@ -152,6 +153,7 @@ def run(cfg: ImportanceConfig, *, progress: bool = True) -> Path:
         return out
     metrics = list(dict.fromkeys([*cfg.log_metrics, selection_metric(cfg)]))
     check_metrics(metrics)
+    check_scorer(cfg.data.target_lang, metrics)
     t0 = time.perf_counter()
     data = load_examples(cfg.data, on_error="fail", require_references=True)
     if not data.examples:

@@ -92,7 +92,8 @@ def run(cfg: PruneConfig, *, progress: bool = True) -> Path:
         raise StcompressError("data: no segments for the reload check; point data at a dataset with audio")
     with staged_output(cfg.output) as out:
         save_model(loaded.model, loaded.processor, out)
-        verified = reload_check(loaded.model, loaded.processor, out, check, max_new_tokens=cfg.check_max_new_tokens)
+        verified = reload_check(loaded.model, loaded.processor, out, check, max_new_tokens=cfg.check_max_new_tokens,
+                                generation=cfg.generation)
         after = model_info(loaded) | {"path": str(Path(cfg.output).resolve()), "bytes_on_disk": weight_bytes(out)}
         manifest = build_manifest(
             "prune", to_dict(cfg), {"model": model_identity, **source}, {"total": time.perf_counter() - t0},
