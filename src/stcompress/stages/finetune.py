@@ -47,6 +47,7 @@ from stcompress.errors import ConfigError, DataError, ModelError
 from stcompress.model import arch
 from stcompress.model.load import LoadedModel, load_model
 from stcompress.model.save import make_processor_files_portable, reload_check, save_model
+from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.stages.translate import data_identity
 from stcompress.training.checkpoint import TrainerState, check_resumable, read_state, resume_config
@@ -356,6 +357,7 @@ def write_output(cfg: FinetuneConfig, job: Setup, state: TrainerState, stats: di
         atomic_write_json(out / MANIFEST, manifest)
 
 
+@claims_output()
 def run(cfg: FinetuneConfig, *, progress: bool = True,
         on_step: Callable[[TrainerState], None] | None = None) -> Path:
     """Fine-tune and write the output directory; `on_step(state)` runs after every optimizer step."""
