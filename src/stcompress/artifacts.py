@@ -220,7 +220,7 @@ def _files(directory: Path, entries: Iterable[str] | None = None) -> list[str]:
     roots = [directory] if entries is None else [directory / e for e in entries if (directory / e).exists()]
     found = [f for r in roots for f in ([r] if r.is_file() else r.rglob("*"))]
     return sorted({str(f.relative_to(directory)) for f in found
-                   if f.is_file() and f.name != MANIFEST and not TEMP.match(f.name)})
+                   if f.is_file() and f != directory / MANIFEST and not TEMP.match(f.name)})
 
 
 @contextlib.contextmanager

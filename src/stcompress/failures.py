@@ -37,6 +37,7 @@ _TEXT = (
     (re.compile(r"Read-only file system|os error 30\b|ReadOnlyFilesystem", re.I), errno.EROFS),
     (re.compile(r"Permission denied|os error 13\b", re.I), errno.EACCES),
 )
+_STAGING = re.compile(r"/\.([^/]+)\.partial-[A-Za-z0-9_]+(?=/|$)")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
@@ -79,10 +80,12 @@ def explain(exc: BaseException) -> str | None:
         return None
     code, filename = found
     output = getattr(exc, "stcompress_output", None)
+    if filename:  # a file in a staging directory is reported under the name it was going to have
+        filename = _STAGING.sub(r"/\1", filename)
     where = filename or output or "a file"
     line = describe_os_error(code, where)
     if output and filename and not filename.startswith(str(output)):
-        line += f" (while writing {output})"
+        line += f" (while making {output})"
     if output:
         line += "; nothing was marked complete"
     return line

@@ -313,13 +313,6 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
     _save_plan(recipe, plan)
 
 
-def _mark_killed(plan: dict[str, Any]) -> None:
-    """A record still "running" when we hold the run's lock was left by a process that was killed."""
-    for record in plan["stages"].values():
-        if record.get("status") == "running":
-            record.update(status="killed", error="the process running it was killed (no clean-up ran)")
-
-
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     recipe = parse_recipe(cfg.recipe)
     decisions = decide(recipe, cfg)
@@ -331,7 +324,6 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     with claim(recipe.run_dir, in_place=own, shared=True, item="run_dir"):
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
         plan = read_plan(recipe.run_dir)
-        _mark_killed(plan)
         t0 = time.perf_counter()
         for step in recipe.steps:
             if decisions[step.name].startswith("skip"):
