@@ -230,3 +230,30 @@ def test_terminate_signals_raise_where_ctrl_c_would(signum):
         time.sleep(5)  # the handler raises at once; this only bounds a broken one
     assert isinstance(caught.value, Terminated) and exit_code(caught.value) == 128 + signum
     assert signal.getsignal(signum) is before  # restored
+
+
+def test_torch_writers_silent_disk_full_is_recognised(tmp_path, monkeypatch):
+    """torch.save on a full disk raises only "unexpected pos ..."; a 1 MiB probe beside the output
+    tells a full disk from a bug."""
+    from stcompress import failures
+
+    def torch_save_failure() -> RuntimeError:
+        exc = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        exc.__context__ = RuntimeError("basic_ios::clear: iostream error")
+        exc.stcompress_output = str(tmp_path / "ft")
+        return exc
+
+    assert failures.explain(torch_save_failure()) is None  # space left: not a full disk, so a bug
+    real_write = os.write
+
+    def full(fd, data):
+        if len(data) == 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(failures.os, "write", full)
+        line = failures.explain(torch_save_failure())
+    assert line == f"{tmp_path / 'ft'}: no space left on device; free space (or choose a path on a larger disk) and rerun; " \
+                   "nothing was marked complete"
+    assert _hidden(tmp_path) == []  # the probe is gone

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -38,6 +40,8 @@ _TEXT = (
     (re.compile(r"Permission denied|os error 13\b", re.I), errno.EACCES),
 )
 _STAGING = re.compile(r"/\.([^/]+)\.partial-[A-Za-z0-9_]+(?=/|$)")
+# torch.save's C++ writer on a full disk says only "unexpected pos 576 vs 534" / "iostream error".
+_TORCH_WRITER = re.compile(r"inline_container\.cc|PytorchStreamWriter|iostream error")
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
@@ -58,6 +62,28 @@ def os_error_code(exc: BaseException) -> tuple[int, str | None] | None:
         for pattern, code in _TEXT:
             if pattern.search(str(link)):
                 return code, None
+    if any(_TORCH_WRITER.search(str(link)) for link in _chain(exc)):
+        code = _cannot_write(getattr(exc, "stcompress_output", None))
+        if code is not None:
+            return code, None
+    return None
+
+
+def _cannot_write(output: str | None) -> int | None:
+    """After a writer failed without saying why: does writing 1 MiB beside the output fail now?"""
+    directory = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stcompress-probe-", dir=directory)
+    except OSError as exc:
+        return exc.errno if exc.errno in _KNOWN else None
+    try:
+        os.write(fd, b"\0" * 2**20)
+        os.fsync(fd)
+    except OSError as exc:
+        return exc.errno if exc.errno in _KNOWN else None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
     return None
 
 
