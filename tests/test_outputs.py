@@ -314,3 +314,55 @@ def test_lock_is_released_after_a_failure(tmp_path):
     assert not lock.lock_path(out).exists()
     with claim(out):  # and the next writer gets it at once
         pass
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate", "importance", "prune", "distill", "finetune", "export",
+                                     "report"])
+def test_every_stage_refuses_a_foreign_output_before_any_work(tmp_path, command, capsys, monkeypatch):
+    """One mechanism for every stage: the check runs first, whatever else the command lacks."""
+    import importlib
+
+    stage = importlib.import_module(f"stcompress.stages.{command}")
+    for name in ("load_model", "load_examples"):
+        if hasattr(stage, name):
+            monkeypatch.setattr(stage, name, lambda *a, **k: pytest.fail("the stage started working"))
+    userdir = tmp_path / "userdir"
+    userdir.mkdir()
+    (userdir / "precious.txt").write_text("x")
+    extra = {"report": ["--run-dir", str(tmp_path)], "export": ["--input", str(tmp_path / "missing")]}.get(command, [])
+    assert cli.main([command, "--output", str(userdir), *extra, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"stcompress {command}: error: output: {userdir} holds files stcompress did not write (precious.txt); "
+                   "choose another output, or pass --overwrite to move that directory aside "
+                   "(to userdir.replaced-<time>; nothing is deleted)"), err
+    assert os.listdir(userdir) == ["precious.txt"]
+
+
+def test_a_killed_nf4_exports_full_precision_copy_is_inside_its_staging_dir(tmp_path, tiny_model_dir, monkeypatch):
+    """SIGKILL runs no clean-up (simulated: rmtree does nothing, as after a kill); what stays is
+    inside the staging directory, which the next command on that output removes."""
+    import shutil
+
+    from stcompress.config import DataConfig, ExportConfig
+    from stcompress.model import load
+    from stcompress.stages import export
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    cfg = ExportConfig(output=str(tmp_path / "export"), input=str(tiny_model_dir), dtype="float32", device="cpu",
+                       quantize="nf4", check_segments=1, check_max_new_tokens=4, data=DataConfig(limit=1))
+    with monkeypatch.context() as m:
+        m.setattr(export, "load_model", lambda mc, **k: killed() if mc.load_in_4bit else load.load_model(mc, **k))
+        m.setattr(shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(Killed):
+            export.run(cfg, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export-full-precision-")] == []
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".export.partial-")]
+    assert len(staging) == 1 and list(staging[0].glob(".full-precision-*/model.safetensors"))
+    with claim(tmp_path / "export"):  # the next command on that output
+        pass
+    assert _hidden_leftovers(tmp_path) == []

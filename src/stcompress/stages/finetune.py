@@ -365,6 +365,8 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
 
     _check_environment(cfg)
     ckpt_dir = checkpoint_dir(cfg)
+    for stale in ckpt_dir.glob(".*.partial"):  # a save a kill interrupted (we hold the output's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     saved = read_state(ckpt_dir) if cfg.train.resume == "auto" else None
     if saved is not None:  # before loading anything: a mismatched checkpoint is refused at once
         check_resumable(saved, resume_config(to_dict(cfg)), ckpt_dir)
