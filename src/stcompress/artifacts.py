@@ -1,9 +1,12 @@
-"""The output-directory contract: atomic writes, content hashes, and manifest.json.
+"""The output-directory contract: ownership, preflight, atomic writes, hashes and manifest.json.
 
 A stage writes into a hidden staging directory beside its output and renames it into place only
 when everything is written, so an interrupted run never leaves output that looks complete.
 `manifest.json` records the stage, the resolved config, input identities (paths + hashes),
-package versions, the git revision and timings; downstream stages read it.
+package versions, the git revision, timings, and the files the stage wrote; downstream stages
+read it.
+
+Who may replace an output, the preflight and the lock: stcompress.outputs.
 """
 
 from __future__ import annotations
@@ -18,15 +21,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from stcompress.errors import StcompressError
+from stcompress.outputs import (  # noqa: F401  (check_output, foreign_entries: the contract's public face)
+    MANIFEST,
+    TEMP,
+    check_output,
+    claim,
+    claims_output,
+    foreign_entries,
+    move_aside,
+    overwrite_requested,
+    shown,
+)
 
-MANIFEST = "manifest.json"
 _FULL_HASH_LIMIT = 64 * 2**20  # larger files get a sampled fingerprint (say so in the record)
 _PACKAGES = ("stcompress", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "sacrebleu", "datasets", "numpy")
 
@@ -37,20 +50,34 @@ def _umask() -> int:
     return mask
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to `.<name>.XXXXXXXX.tmp` beside `path`, fsync, rename: never a half-written `path`.
+
+    On any failure (a full disk included) the temp file is removed; an OSError is re-raised with
+    the final file name, which is what the user has to know.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
@@ -159,7 +186,72 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise StcompressError(f"{directory}: no {MANIFEST} (not a finished stcompress output); run the stage that makes it")
-    return json.loads(path.read_text(encoding="utf-8"))
+    with reading(path, "rerun the stage that wrote it"):
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """A file that does not decode (truncated JSON, torn safetensors or torch pickle) is a clear
+    error naming it and the fix, not a traceback from deep inside a parser."""
+    try:
+        yield
+    except (ValueError, EOFError, UnicodeDecodeError) as exc:  # json, pickle, safetensors' header
+        raise StcompressError(f"{path}: corrupt or truncated ({type(exc).__name__}: {_first_line(exc)}); {fix}") from None
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in ("SafetensorError", "UnpicklingError", "BadZipFile") or "PytorchStreamReader" in str(exc):
+            raise StcompressError(f"{path}: corrupt or truncated ({name}: {_first_line(exc)}); {fix}") from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:160]
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any], entries: Iterable[str] | None = None) -> None:
+    """manifest.json, listing the files now in `directory` (or in its top-level `entries` only): what
+    a later run may replace, and nothing else."""
+    directory = Path(directory)
+    atomic_write_json(directory / MANIFEST, {**manifest, "files": _files(directory, entries)})
+
+
+def _files(directory: Path, entries: Iterable[str] | None = None) -> list[str]:
+    roots = [directory] if entries is None else [directory / e for e in entries if (directory / e).exists()]
+    found = [f for r in roots for f in ([r] if r.is_file() else r.rglob("*"))]
+    return sorted({str(f.relative_to(directory)) for f in found
+                   if f.is_file() and f != directory / MANIFEST and not TEMP.match(f.name)})
+
+
+@contextlib.contextmanager
+def removed_on_error(paths: Iterable[Path]) -> Iterator[None]:
+    """For outputs filled in place: if the block fails (a full disk), the result files it wrote go
+    again, so nothing looks complete; the resumable state stays."""
+    paths = list(paths)
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
+        raise
+
+
+def _share_permissions(directory: Path) -> None:
+    """Readable as the umask allows: some writers (transformers 5's safetensors save) make 0600."""
+    readable = 0o444 & ~_umask()
+    for f in [directory, *directory.rglob("*")]:
+        mode = f.lstat().st_mode
+        if not f.is_symlink() and (mode & readable) != readable:
+            os.chmod(f, (mode & 0o7777) | readable | (0o111 & ~_umask() if f.is_dir() else 0))
+
+
+def _record_files(stage_dir: Path) -> None:
+    path = stage_dir / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(manifest, dict):
+            write_manifest(stage_dir, manifest)
 
 
 @contextlib.contextmanager
@@ -167,15 +259,27 @@ def staged_output(output: str | Path) -> Iterator[Path]:
     """Yield a staging directory; on success it replaces `output` in one rename.
 
     On error the staging directory is removed and any earlier complete `output` is left as it was.
+    An earlier `output` is replaced only when it is ours (see `foreign_entries`); with --overwrite
+    one holding foreign files is moved aside.
     """
-    output = Path(output)
+    given = output
+    output = Path(os.path.abspath(Path(output).expanduser()))
+    if output.name in ("", ".", ".."):
+        raise StcompressError(f"output: {str(given)!r} is not a directory name; give a new directory for the results")
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists() and not output.is_dir():
-        raise StcompressError(f"output: {output} exists and is not a directory; choose another output path")
+        raise StcompressError(f"output: {given} exists and is not a directory; choose another output path")
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     os.chmod(stage_dir, 0o777 & ~_umask())
     try:
         yield stage_dir
+        _record_files(stage_dir)
+        _share_permissions(stage_dir)
+        if output.exists() and foreign_entries(output):
+            if not overwrite_requested():
+                raise StcompressError(f"output: {given} holds files stcompress did not write "
+                                      f"({shown(foreign_entries(output))}); choose another output, or pass --overwrite")
+            move_aside(output)
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)
         raise

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,9 @@ from stcompress.config import (
     read_yaml,
     to_dict,
 )
-from stcompress.errors import ConfigError, StcompressError
+from stcompress.errors import ConfigError, StcompressError, Terminated
+from stcompress.failures import exit_code, explain, terminate_like_interrupt
+from stcompress.outputs import overwrite
 from stcompress.preflight import check_inputs
 
 log = logging.getLogger("stcompress")
@@ -82,6 +86,8 @@ COMMANDS: dict[str, Command] = {  # in pipeline order
     "demo": Command(DemoConfig, "the whole pipeline on the built-in task, offline on CPU in a few minutes -> report"),
 }
 RUNNERS = ("run", "demo")  # commands that drive other stages (never a recipe stage themselves)
+OVERWRITE_HELP = ("an output directory holding files stcompress did not write is moved aside to <name>.replaced-<time> "
+                  "(never deleted) instead of refused; our own finished outputs are replaced without it")
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved config as YAML (required fields still missing are marked) and exit")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging (the resolved config included)")
         p.add_argument("-q", "--quiet", action="store_true", help="warnings only; one progress line per stage instead of bars")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         _add_config_options(p, name, cmd.config_cls)
         if cmd.positional:
             p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(), help=f"same as --{cmd.positional.replace('_', '-')}")
@@ -209,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    cmd = COMMANDS[args.command]
     _setup_logging(args.verbose, args.quiet)
+    with terminate_like_interrupt(), overwrite(args.overwrite):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Run the command; every failure ends as one line and an exit code, except bugs (traceback)."""
+    cmd = COMMANDS[args.command]
     try:
         overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
         if cmd.positional:
@@ -220,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_yaml(cfg), end="")
             return 0
-        log.info("%s config:\n%s", args.command, json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
+        log.debug("argv: %s", sys.argv)  # local paths: debug only (-v), never in a shared log by default
+        log.debug("%s config:\n%s", args.command, json.dumps(to_dict(cfg), indent=2, ensure_ascii=False))
         out = cmd.run(args.command, cfg, progress=not args.quiet)
         if cmd.after:
             cmd.after(out)
@@ -230,9 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     except StcompressError as exc:
         print(f"stcompress {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"stcompress {args.command}: interrupted; no output was marked complete", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "interrupted" if not isinstance(exc, Terminated) else f"terminated ({signal.Signals(exc.signum).name})"
+        print(f"stcompress {args.command}: {how}; no output was marked complete", file=sys.stderr)
+        return exit_code(exc)
+    except Exception as exc:
+        line = explain(exc)  # disk full, permission, read-only disk: not a bug
+        if line is not None:
+            print(f"stcompress {args.command}: error: {line}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"stcompress {args.command}: this is a bug in stcompress; please report it with the traceback above",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -29,3 +29,11 @@ class DataError(StcompressError):
 
 class ModelError(StcompressError):
     """A model directory or model option that cannot be used."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where Ctrl-C would be, so the same clean-up runs (failures.py)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by signal {signum}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from stcompress.artifacts import atomic_write_bytes
 from stcompress.importance.state import Record
 
 
@@ -44,9 +46,8 @@ def heatmap(records: Sequence[Record], metric: str, n_layers: int, removal_order
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label=metric)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())  # a full disk leaves no temp file and no torn PNG
     return path

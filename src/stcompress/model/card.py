@@ -2,11 +2,14 @@
 
 Everything in it comes from records the stages already wrote (manifests, scores.json) or from the
 export itself (sizes read from safetensors headers, the reload check); nothing is recomputed.
+The card is what users publish: local paths in it are shown as `<local>/<name>` (the manifest
+beside it keeps the resolved paths), hub ids and built-in names as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +37,16 @@ class CardInfo:
     extra_tags: list[str] = field(default_factory=list)
 
 
+def public(value: object) -> str:
+    """A local path as `<local>/<name>` (no user names, home or mount points of the machine that
+    made the model); hub ids (`org/name`), built-in names and other values unchanged."""
+    text = str(value)
+    if text.startswith("builtin") or "://" in text:
+        return text
+    local = text.startswith(("/", "~", "./", "../", "\\")) or (len(text) > 2 and text[1] == ":") or os.path.exists(text)
+    return f"<local>/{os.path.basename(text.rstrip('/')) or text}" if local else text
+
+
 def _gb(n: int) -> str:
     """Decimal units, as the IWSLT size bins count them."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -45,7 +58,7 @@ def _gb(n: int) -> str:
 def _front_matter(info: CardInfo) -> list[str]:
     tags = ["stcompress", "qwen2-audio", "speech-translation", *info.extra_tags]
     lines = ["---", "library_name: transformers", f"language: [en, {info.target_lang}]"]
-    if info.base_model:
+    if info.base_model and public(info.base_model) == info.base_model:  # the hub's field takes hub ids only
         lines.append(f"base_model: {json.dumps(info.base_model)}")
     lines += [f"tags: [{', '.join(tags)}]", "---", ""]
     return lines
@@ -67,7 +80,7 @@ def _summary(info: CardInfo) -> Iterator[str]:
     yield f"| weights | {m['weights']} |"
     yield f"| size on disk | {_gb(info.sizes['total'])} ({info.sizes['total']:,} bytes) |"
     if info.base_model:
-        yield f"| made from | `{info.base_model}` |"
+        yield f"| made from | `{public(info.base_model)}` |"
 
 
 def _sizes(info: CardInfo) -> Iterator[str]:
@@ -85,10 +98,10 @@ def _sizes(info: CardInfo) -> Iterator[str]:
 
 def _chain(info: CardInfo) -> Iterator[str]:
     if info.base_model:
-        yield f"1. original model: `{info.base_model}`"
+        yield f"1. original model: `{public(info.base_model)}`"
     for step in info.upstream:
         detail = f" ({step['detail']})" if step.get("detail") else ""
-        yield f"1. `{step['stage']}`{detail}: `{step['path']}`"
+        yield f"1. `{step['stage']}`{detail}: `{public(step['path'])}`"
     yield f"1. `export`: {info.model['weights']}"
 
 
@@ -117,10 +130,10 @@ def _training(info: CardInfo) -> Iterator[str]:
         for src in sources:
             repeat = f" x{src['repeat']:g}" if src.get("repeat", 1) != 1 else ""
             counts = f"{src.get('examples')} examples, {src.get('items')} items{repeat}"
-            yield f"- data: `{src.get('name')}` ({src.get('kind')}, {counts})"
+            yield f"- data: `{public(src.get('name'))}` ({src.get('kind')}, {counts})"
     else:
         for data in _datasets(config):
-            parts = [f"`{data['dataset']}`"] + [f"{k} {data[k]}" for k in ("split", "subset", "target_lang") if data.get(k)]
+            parts = [f"`{public(data['dataset'])}`"] + [f"{k} {data[k]}" for k in ("split", "subset", "target_lang") if data.get(k)]
             yield "- data: " + ", ".join(parts)
     train = config.get("train") or {}
     settings = [f"{k} {train[k]}" for k in ("epochs", "batch_size", "grad_accum", "lr", "scheduler") if k in train]
@@ -131,7 +144,7 @@ def _training(info: CardInfo) -> Iterator[str]:
         yield f"- LoRA: r {lora.get('r')}, alpha {lora.get('alpha')}, rsLoRA {lora.get('rslora')}, targets {lora.get('targets')}"
     kd = config.get("kd") or {}
     if kd.get("ratio"):
-        yield f"- word-level KD: ratio {kd['ratio']}, temperature {kd.get('temperature')}, teacher `{kd.get('teacher')}`"
+        yield f"- word-level KD: ratio {kd['ratio']}, temperature {kd.get('temperature')}, teacher `{public(kd.get('teacher'))}`"
     stats = manifest.get("training") or {}
     shown = [f"{k.replace('_', ' ')} {stats[k]:.4g}" if isinstance(stats[k], float) else f"{k.replace('_', ' ')} {stats[k]}"
              for k in ("steps", "epochs_completed", "final_train_loss", "final_dev_loss", "final_dev_chrf", "trainable_percent")

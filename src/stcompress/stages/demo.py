@@ -11,17 +11,18 @@ what the demo does and does not show.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import yaml
 
+from stcompress.artifacts import atomic_write_json, atomic_write_text
 from stcompress.config import DemoConfig, RunConfig
 from stcompress.data.demo import DEMO_DIR
 from stcompress.errors import ModelError
 from stcompress.languages import default_selection_metric, language_name
 from stcompress.metrics.text import corpus_score
+from stcompress.outputs import claims_output, remove_output
 
 RECIPE = DEMO_DIR / "recipe.yaml"
 EVALS = ("teacher-eval", "pruned-eval", "final-eval")
@@ -86,23 +87,24 @@ def _table(report_md: Path) -> str:
     return "\n".join(lines[start:end])
 
 
+@claims_output(lambda cfg: cfg.run_dir, in_place=("*",), shared=True, item="run_dir")
 def run(cfg: DemoConfig, *, progress: bool = True) -> Path:
     from stcompress.stages import run as runner
 
     _check_whisper()
     run_dir = Path(cfg.run_dir)
-    if cfg.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if cfg.fresh:  # what the demo writes there, and never a user's files
+        names = [s["name"] for s in demo_recipe(cfg)["stages"]]
+        own = ("recipe.yaml", "demo_scores.json", "plan.json", "manifest.json", *names, *(f"{n}.checkpoints" for n in names))
+        remove_output(run_dir, own, item="run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir / "recipe.yaml"
-    tmp = recipe_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(demo_recipe(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(recipe_path)
+    atomic_write_text(recipe_path, yaml.safe_dump(demo_recipe(cfg), sort_keys=False, allow_unicode=True))
     start = time.perf_counter()
     runner.run(RunConfig(recipe=str(recipe_path)), progress=progress)
     seconds = time.perf_counter() - start
     parts = split_scores(run_dir, cfg.target_lang)
-    (run_dir / "demo_scores.json").write_text(json.dumps({"seconds": round(seconds, 1), "seen_vs_new": parts}, indent=2) + "\n")
+    atomic_write_json(run_dir / "demo_scores.json", {"seconds": round(seconds, 1), "seen_vs_new": parts})
     lang = language_name(cfg.target_lang)
     print(f"\nstcompress demo: English speech -> {lang}, {seconds:.0f} s\n")
     print(_table(run_dir / "report" / "report.md"))

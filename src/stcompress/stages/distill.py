@@ -31,6 +31,7 @@ from stcompress.data.sources import load_examples
 from stcompress.errors import ConfigError, DataError
 from stcompress.metrics.text import check_scorer, sentence_scores
 from stcompress.model.load import load_model
+from stcompress.outputs import claims_output
 from stcompress.stages.translate import HYPOTHESES, SKIPPED, data_identity, hypothesis_row, model_info, skipped_rows
 from stcompress.translate import RunStats, Translator
 
@@ -124,6 +125,7 @@ def resolve_teacher(cfg: DistillConfig) -> DistillConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)) if path != cfg.model.path else cfg
 
 
+@claims_output()
 def run(cfg: DistillConfig, *, progress: bool = True) -> Path:
     if problems := cfg.problems():
         raise ConfigError(problems)

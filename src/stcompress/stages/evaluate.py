@@ -19,6 +19,7 @@ from stcompress.data.sources import load_examples
 from stcompress.errors import DataError
 from stcompress.metrics.comet import CometScorer
 from stcompress.metrics.text import check_scorer, corpus_scores
+from stcompress.outputs import claims_output
 from stcompress.stages.translate import HYPOTHESES, translate_dataset, write_translation
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def score_rows(rows: list[dict[str, Any]], cfg: EvaluateConfig, lang: str) -> di
     return scores
 
 
+@claims_output()
 def run(cfg: EvaluateConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     translation = None

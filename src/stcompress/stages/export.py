@@ -43,6 +43,7 @@ from stcompress.model import arch
 from stcompress.model.card import CardInfo, render_card
 from stcompress.model.load import LoadedModel, check_model_dir, load_model, quantization_config, resolve_model_path
 from stcompress.model.save import reload_check, save_model
+from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.translate import Hypothesis, Translator
 
@@ -345,7 +346,7 @@ def export_nf4(
     first use. Returns the in-memory 4-bit model and the check (with agreement to full precision).
     """
     reference = _translate(loaded, examples, cfg)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-full-precision-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".full-precision-", dir=out))  # inside the staging dir: a kill leaves nothing beside
     try:
         save_model(loaded.model, loaded.processor, tmp)
         device = str(loaded.device)
@@ -428,6 +429,7 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
     return model
 
 
+@claims_output()
 def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     if problems := cfg.problems():
         raise ConfigError(problems)

@@ -47,6 +47,7 @@ from stcompress.errors import ConfigError, DataError, ModelError
 from stcompress.model import arch
 from stcompress.model.load import LoadedModel, load_model
 from stcompress.model.save import make_processor_files_portable, reload_check, save_model
+from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.stages.translate import data_identity
 from stcompress.training.checkpoint import TrainerState, check_resumable, read_state, resume_config
@@ -356,6 +357,7 @@ def write_output(cfg: FinetuneConfig, job: Setup, state: TrainerState, stats: di
         atomic_write_json(out / MANIFEST, manifest)
 
 
+@claims_output()
 def run(cfg: FinetuneConfig, *, progress: bool = True,
         on_step: Callable[[TrainerState], None] | None = None) -> Path:
     """Fine-tune and write the output directory; `on_step(state)` runs after every optimizer step."""
@@ -363,6 +365,8 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
 
     _check_environment(cfg)
     ckpt_dir = checkpoint_dir(cfg)
+    for stale in ckpt_dir.glob(".*.partial"):  # a save a kill interrupted (we hold the output's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     saved = read_state(ckpt_dir) if cfg.train.resume == "auto" else None
     if saved is not None:  # before loading anything: a mismatched checkpoint is refused at once
         check_resumable(saved, resume_config(to_dict(cfg)), ckpt_dir)

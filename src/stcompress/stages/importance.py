@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, path_identity, write_jsonl
+from stcompress.artifacts import removed_on_error, write_manifest
 from stcompress.config import ImportanceConfig, to_dict
 from stcompress.data.sources import load_examples
 from stcompress.errors import DataError, StcompressError
@@ -29,6 +30,7 @@ from stcompress.languages import default_selection_metric
 from stcompress.metrics.comet import CometScorer
 from stcompress.metrics.text import check_scorer
 from stcompress.model.load import LoadedModel, load_model
+from stcompress.outputs import claims_output
 from stcompress.stages.translate import data_identity, model_info
 from stcompress.translate import Translator
 
@@ -38,6 +40,8 @@ SETTINGS = "search.json"
 RESULT = "removal_order.json"
 BASELINE = "baseline.json"
 CANDIDATES = "candidates.jsonl"
+# Everything the search writes into its output (it fills it in place; stcompress.outputs).
+OWN = (SETTINGS, RESULT, BASELINE, CANDIDATES, "candidates.rank*.jsonl", "hypotheses", "heatmap.png", "proxies.json", MANIFEST)
 
 
 def distributed() -> tuple[int, int, int]:
@@ -144,6 +148,7 @@ def proxy_report(result: SearchResult, records: list, metric: str) -> dict[str, 
     return report
 
 
+@claims_output(in_place=OWN)
 def run(cfg: ImportanceConfig, *, progress: bool = True) -> Path:
     rank, world, local_rank = distributed()
     out = Path(cfg.output)
@@ -181,16 +186,18 @@ def run(cfg: ImportanceConfig, *, progress: bool = True) -> Path:
         return out
     approximations = [a for a, on in (("successive_halving", cfg.halving), (f"prefilter:{cfg.prefilter}", cfg.prefilter)) if on]
     extra = {"approximations": approximations}
-    if result.proxy_values:
-        atomic_write_json(out / "proxies.json", proxy_report(result, search.state.all_records(), settings.metric))
-    _write_results(out, cfg, search, result, extra)
-    manifest = build_manifest(
-        "importance", to_dict(cfg), {"model": path_identity(loaded.path), "data": data_identity(cfg.data)},
-        {"total": time.perf_counter() - t0},
-        model=model_info(loaded), removal_order=result.removal_order, metric=settings.metric, stop_reason=result.stop_reason,
-        approximations=approximations, world_size=world, resumed=status == "resume",
-        evaluations=len(search.state.records),
-    )
-    atomic_write_json(out / MANIFEST, manifest)
+    # A failure while writing the results (a full disk): no result file stays without its manifest.
+    with removed_on_error(out / n for n in ("proxies.json", CANDIDATES, BASELINE, RESULT, "heatmap.png", MANIFEST)):
+        if result.proxy_values:
+            atomic_write_json(out / "proxies.json", proxy_report(result, search.state.all_records(), settings.metric))
+        _write_results(out, cfg, search, result, extra)
+        manifest = build_manifest(
+            "importance", to_dict(cfg), {"model": path_identity(loaded.path), "data": data_identity(cfg.data)},
+            {"total": time.perf_counter() - t0},
+            model=model_info(loaded), removal_order=result.removal_order, metric=settings.metric, stop_reason=result.stop_reason,
+            approximations=approximations, world_size=world, resumed=status == "resume",
+            evaluations=len(search.state.records),
+        )
+        write_manifest(out, manifest)
     log.info("removal order %s (%s) -> %s", result.removal_order, result.stop_reason, out)
     return out

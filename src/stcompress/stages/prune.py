@@ -24,6 +24,7 @@ from stcompress.model import arch
 from stcompress.model.layers import check_layers, remove_decoder_layers, remove_encoder_layers
 from stcompress.model.load import load_model
 from stcompress.model.save import reload_check, save_model
+from stcompress.outputs import claims_output
 from stcompress.stages.translate import model_info
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _model_path(cfg: PruneConfig) -> tuple[PruneConfig, dict[str, Any]]:
     return cfg, {}
 
 
+@claims_output()
 def run(cfg: PruneConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     cfg, ranked = _model_path(cfg)

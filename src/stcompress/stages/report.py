@@ -21,6 +21,7 @@ from stcompress.artifacts import MANIFEST, atomic_write_bytes, atomic_write_json
 from stcompress.config import ReportConfig, to_dict
 from stcompress.errors import StcompressError
 from stcompress.languages import default_selection_metric, language_name
+from stcompress.outputs import claims_output
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def plan_rows(run_dir: Path, output: Path) -> list[list[str]]:
             for n in plan.get("order", stages) if n in stages]
 
 
+@claims_output(lambda cfg: cfg.output or Path(cfg.run_dir) / "report")
 def run(cfg: ReportConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir)

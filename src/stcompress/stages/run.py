@@ -32,16 +32,16 @@ import importlib
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, file_hash
+from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, file_hash, reading, write_manifest
 from stcompress.config import RunConfig, load_config, read_yaml, to_dict
 from stcompress.errors import ConfigError, StcompressError
+from stcompress.outputs import claim, remove_output
 from stcompress.progress import stage as stage_status
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,10 @@ def _manifest_hash(directory: Path) -> str | None:
 
 def read_plan(run_dir: Path) -> dict[str, Any]:
     path = run_dir / PLAN
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
+    if not path.is_file():
+        return {"stages": {}}
+    with reading(path, "delete it to rerun every stage (finished outputs are kept, and rerun)"):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def decide(recipe: Recipe, cfg: RunConfig) -> dict[str, str]:
@@ -294,9 +297,7 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
     plan["stages"][step.name] = record
     _save_plan(recipe, plan)
     if _manifest_hash(step.output) is not None and step.output.is_dir():
-        shutil.rmtree(step.output)  # a complete but stale output: some stages refuse to overwrite one
-    for stale in step.output.parent.glob(f".{step.output.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # the staging directory of an attempt that was killed
+        remove_output(step.output)  # a complete but stale output of ours: some stages refuse to overwrite one
     log.info("stage %s (%s) -> %s", step.name, step.stage, step.output)
     t0 = time.perf_counter()
     try:
@@ -304,8 +305,8 @@ def _run_step(recipe: Recipe, step: Step, plan: dict[str, Any], progress: bool) 
         with stage_status(f"[{number}/{len(recipe.steps)}] {step.name} ({step.stage})"):
             importlib.import_module(f"stcompress.stages.{step.stage}").run(step.config, progress=progress)
     except BaseException as exc:
-        record.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                      seconds=round(time.perf_counter() - t0, 3), error=str(exc)[:500])
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGHUP
+        record.update(status=status, seconds=round(time.perf_counter() - t0, 3), error=str(exc)[:500] or type(exc).__name__)
         _save_plan(recipe, plan)
         raise
     record.update(status="done", seconds=round(time.perf_counter() - t0, 3),
@@ -340,17 +341,19 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     if cfg.dry_run:
         return recipe.run_dir
     _check_upstream(recipe, decisions)
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    plan = read_plan(recipe.run_dir)
-    t0 = time.perf_counter()
-    for step in recipe.steps:
-        if decisions[step.name].startswith("skip"):
-            if step.name in plan["stages"]:
-                plan["stages"][step.name]["last_decision"] = decisions[step.name]
-            log.info("stage %s: %s", step.name, decisions[step.name])
-            continue
-        _run_step(recipe, step, plan, progress)
-    manifest = build_manifest("run", to_dict(cfg), {"recipe": file_hash(recipe.path)}, {"total": time.perf_counter() - t0},
-                              stages={s.name: {"stage": s.stage, "decision": decisions[s.name]} for s in recipe.steps})
-    atomic_write_json(recipe.run_dir / MANIFEST, manifest)
+    own = (PLAN, MANIFEST)  # the run dir may hold the user's files too; each stage claims its own output
+    with claim(recipe.run_dir, in_place=own, shared=True, item="run_dir"):
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        plan = read_plan(recipe.run_dir)
+        t0 = time.perf_counter()
+        for step in recipe.steps:
+            if decisions[step.name].startswith("skip"):
+                if step.name in plan["stages"]:
+                    plan["stages"][step.name]["last_decision"] = decisions[step.name]
+                log.info("stage %s: %s", step.name, decisions[step.name])
+                continue
+            _run_step(recipe, step, plan, progress)
+        manifest = build_manifest("run", to_dict(cfg), {"recipe": file_hash(recipe.path)}, {"total": time.perf_counter() - t0},
+                                  stages={s.name: {"stage": s.stage, "decision": decisions[s.name]} for s in recipe.steps})
+        write_manifest(recipe.run_dir, manifest, entries=[PLAN, *(s.output.name for s in recipe.steps)])
     return recipe.run_dir

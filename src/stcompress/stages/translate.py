@@ -16,6 +16,7 @@ from stcompress.errors import DataError
 from stcompress.metrics.efficiency import count_parameters, weight_bytes
 from stcompress.model import arch
 from stcompress.model.load import LoadedModel, load_model
+from stcompress.outputs import claims_output
 from stcompress.translate import Hypothesis, RunStats, Translator
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def write_translation(out: Path, stage: str, config: dict[str, Any], result: Tra
     atomic_write_json(out / MANIFEST, manifest)
 
 
+@claims_output()
 def run(cfg: TranslateConfig, *, progress: bool = True) -> Path:
     result = translate_dataset(cfg, progress=progress)
     with staged_output(cfg.output) as out:

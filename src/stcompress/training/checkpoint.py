@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stcompress.artifacts import atomic_write_json
+from stcompress.artifacts import atomic_write_json, reading
 from stcompress.errors import StcompressError
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ BEST_WEIGHTS = "model.safetensors"
 # Config keys that may change between a run and its resumption (they do not change the training).
 _RESUME_FREE = ("output", "train.checkpoint_dir", "train.resume", "train.keep_checkpoints", "train.log_every",
                 "train.num_workers", "train.check_segments")
+_CORRUPT = "a kill or a full disk damaged the checkpoint; set train.resume: never to start over (or delete the checkpoint)"
 
 
 @dataclass
@@ -161,7 +162,8 @@ def read_state(ckpt_dir: Path) -> TrainerState | None:
     path = ckpt_dir / LAST / STATE_FILE
     if not path.is_file():
         return None
-    return TrainerState.from_json(json.loads(path.read_text(encoding="utf-8")))
+    with reading(path, _CORRUPT):
+        return TrainerState.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def check_resumable(saved: TrainerState, config: dict[str, Any], ckpt_dir: Path) -> None:
@@ -174,7 +176,8 @@ def check_resumable(saved: TrainerState, config: dict[str, Any], ckpt_dir: Path)
 
 
 def load_checkpoint(accelerator: Any, ckpt_dir: Path) -> None:
-    accelerator.load_state(str(ckpt_dir / LAST))
+    with reading(ckpt_dir / LAST, _CORRUPT):  # optimizer.bin, model.safetensors, scheduler, RNG states
+        accelerator.load_state(str(ckpt_dir / LAST))
 
 
 def save_best(accelerator: Any, model: nn.Module, ckpt_dir: Path, record: dict[str, Any]) -> None:
@@ -198,5 +201,6 @@ def load_best(model: nn.Module, ckpt_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     best = ckpt_dir / BEST
-    load_trainable(model, load_file(str(best / BEST_WEIGHTS)), where=str(best))
-    return json.loads((best / "best.json").read_text(encoding="utf-8"))
+    with reading(best, _CORRUPT):
+        load_trainable(model, load_file(str(best / BEST_WEIGHTS)), where=str(best))
+        return json.loads((best / "best.json").read_text(encoding="utf-8"))
