@@ -303,6 +303,7 @@ def test_a_kill_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp
     old = tmp_path / "last.old"
     old.mkdir()
     (old / ckpt.STATE_FILE).write_text(json.dumps(ckpt.TrainerState(config={"a": 1}, step=7).to_json()))
+    ckpt.write_checksums(old)
     state = ckpt.read_state(tmp_path)  # `last` is gone: the kill came after last -> last.old
     assert state is not None and state.step == 7 and (tmp_path / "last" / ckpt.STATE_FILE).is_file()
     assert not old.exists() and ckpt.read_state(tmp_path / "nothing") is None

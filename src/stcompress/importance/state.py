@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stcompress.artifacts import fault_point
 from stcompress.errors import StcompressError
 
 
@@ -118,8 +119,12 @@ class SearchState:
     def append(self, record: Record) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._drop_torn_tail()
-        with open(self.own, "a", encoding="utf-8") as fh:
-            fh.write(record.to_line() + "\n")
+        line = (record.to_line() + "\n").encode("utf-8")
+        with open(self.own, "ab") as fh:
+            fh.write(line[: len(line) // 2])
+            fh.flush()
+            fault_point(f"append {self.own.name}")  # tests: a kill that tears the line
+            fh.write(line[len(line) // 2 :])
             fh.flush()
             os.fsync(fh.fileno())
         self.records[record.key] = record

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, path_identity, write_jsonl
+from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, content_identity, path_identity, write_jsonl
 from stcompress.config import ImportanceConfig, to_dict
 from stcompress.data.sources import load_examples
 from stcompress.errors import DataError, StcompressError
@@ -63,9 +63,7 @@ def _fingerprint(cfg: ImportanceConfig) -> dict[str, Any]:
 
 def input_fingerprint(cfg: ImportanceConfig) -> dict[str, Any]:
     """Content hashes of the model and the data; paths left out (the config has them)."""
-    model = path_identity(resolve_model_path(cfg.model.path))
-    return {name: {k: v for k, v in ident.items() if k != "path"}
-            for name, ident in (("model", model), ("data", data_identity(cfg.data)))}
+    return content_identity({"model": path_identity(resolve_model_path(cfg.model.path)), "data": data_identity(cfg.data)})
 
 
 # Our own files: an output that holds only these is ours to resume or restart.
