@@ -139,3 +139,184 @@ def test_finetune_resume_refuses_other_weights_at_the_same_path(interrupted, tin
     finally:
         shutil.rmtree(model, ignore_errors=True)
         os.replace(kept, model)
+
+
+# -- kills at fault points ---------------------------------------------------------------------
+
+DEFAULTS = {"model": {"device": "cpu"}, "data": {"dataset": "builtin", "target_lang": "de", "test_size": 2, "split_seed": 0},
+            "generation": {"max_new_tokens": 4, "batch_size": 4}}
+CHECK = {"check_segments": 1, "check_max_new_tokens": 4}
+
+
+def _recipe(tmp_path: Path, model: Path) -> Path:
+    """finetune -> importance -> prune -> distill -> export: every stage that writes state or weights."""
+    import yaml
+
+    stages = [
+        {"name": "teacher", "stage": "finetune", "config": {
+            "mode": "full", "model": {"path": str(model)}, "data": {"subset": "train", "limit": 4}, "dev": {"dataset": "none"},
+            "train": {"max_steps": 3, "epochs": 1, "batch_size": 2, "save_every": 1, "lr": 1.0e-4, "check_segments": 1}}},
+        {"name": "importance", "stage": "importance", "config": {
+            "model": {"path": "${teacher.model}"}, "data": {"subset": "test"}, "rounds": 1}},
+        {"name": "prune", "stage": "prune", "config": {
+            "importance": "${importance}", "model": {"path": "${teacher.model}"}, "num_layers": 1, **CHECK}},
+        {"name": "kd", "stage": "distill", "config": {"model": {"path": "${prune}"}, "data": {"subset": "train", "limit": 2}}},
+        {"name": "export", "stage": "export", "config": {"input": "${teacher}", "dtype": "float32", "device": "cpu", **CHECK}},
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "defaults": DEFAULTS, "stages": stages}))
+    return path
+
+
+def _stcompress(recipe: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in (FAULT_AT, FAULT_LOG)}
+    return subprocess.run([sys.executable, "-m", "stcompress.cli", "run", str(recipe), "-q"], cwd=recipe.parent,
+                          env={**full, **env}, capture_output=True, text=True, timeout=900)
+
+
+def _tensors(path: Path) -> dict[str, bytes]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return {k: fh.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes() for k in fh.keys()}
+
+
+_VOLATILE = {"seconds", "train_seconds", "created", "timings"}
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def outputs(run_dir: Path) -> dict[str, Any]:
+    """What a run produced that must not depend on faults: every weight tensor's bytes, every
+    hypotheses / candidates / removal-order / example file (times left out)."""
+    out: dict[str, Any] = {}
+    for f in sorted(run_dir.rglob("*")):
+        rel = str(f.relative_to(run_dir))
+        if not f.is_file() or any(p.startswith(".") for p in f.relative_to(run_dir).parts) or ".checkpoints" in rel:
+            continue
+        if f.suffix == ".safetensors":
+            out[rel] = _tensors(f)
+        elif f.suffix == ".jsonl" and f.name != "history.jsonl":
+            out[rel] = [_strip(json.loads(l)) for l in f.read_text().splitlines() if l.strip()]
+        elif f.name in ("removal_order.json", "baseline.json", "search.json"):
+            out[rel] = _strip(json.loads(f.read_text()))
+        elif f.name == "history.jsonl":
+            out[rel] = [(r.get("step"), r.get("ce")) for r in map(json.loads, f.read_text().splitlines())]
+    return out
+
+
+def _kill_chain(recipe: Path, schedule: list[str]) -> dict[str, int]:
+    """Run the recipe once per entry of `schedule`, each process killed at that fault point, then
+    once more to the end. Every process must either die at its point (rc 137) or finish (rc 0)."""
+    counts = {"kills": 0, "survived": 0, "finished_early": 0}
+    for at in schedule:
+        done = _stcompress(recipe, **{FAULT_AT: at})
+        if done.returncode == 0:
+            counts["finished_early"] += 1
+            continue
+        assert done.returncode == 137, f"killed at {at}: rc {done.returncode}\n{done.stderr[-3000:]}"
+        counts["kills"] += 1
+        counts["survived"] += 1  # the next process must go on from here: checked by its rc
+    final = _stcompress(recipe)
+    assert final.returncode == 0, f"the rerun after the kills failed:\n{final.stderr[-3000:]}"
+    return counts
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_model_dir):
+    """The uninterrupted run, with the list of fault points it passes."""
+    root = tmp_path_factory.mktemp("clean")
+    recipe = _recipe(root, tiny_model_dir)
+    done = _stcompress(recipe, **{FAULT_LOG: str(root / "points.txt")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return outputs(root / "run"), (root / "points.txt").read_text().splitlines()
+
+
+# One kill per kind of fault point, in pipeline order; each entry is killed in its own process.
+CI_SCHEDULE = ["between renames last:1", "write checksums.json:2", "rename teacher:1", "write search.json:1",
+               "append:2", "write removal_order.json:1", "rename prune:1", "write examples.jsonl:1", "write README.md:1",
+               "rename export:1"]
+
+
+def test_run_killed_at_fault_points_ends_bit_identical(clean_run, tmp_path, tiny_model_dir):
+    """`stcompress run` killed inside atomic writes, between renames and mid-append, in every stage
+    (finetune, importance, prune, distill, export), ten times in a row: the outputs equal the
+    uninterrupted run's bit for bit (weights, hypotheses, scores, removal order)."""
+    reference, points = clean_run
+    assert all(any(at.rpartition(":")[0] in p for p in points) for at in CI_SCHEDULE)
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    counts = _kill_chain(recipe, CI_SCHEDULE)
+    assert counts["kills"] == len(CI_SCHEDULE) and counts["finished_early"] == 0
+    got = outputs(tmp_path / "run")
+    assert got.keys() == reference.keys()
+    assert [k for k in got if got[k] != reference[k]] == []
+    assert not [p for p in (tmp_path / "run").rglob(".*.tmp")]
+
+
+@pytest.mark.slow
+def test_soak_every_fault_point(clean_run, tmp_path, tiny_model_dir):
+    """Each fault point of a clean run killed on its own (a fresh run per point), then rerun."""
+    reference, points = clean_run
+    counts = {"tried": 0, "survived": 0, "identical": 0}
+    for n in range(1, len(points) + 1):
+        root = tmp_path / f"p{n}"
+        root.mkdir()
+        recipe = _recipe(root, tiny_model_dir)
+        killed = _stcompress(recipe, **{FAULT_AT: str(n)})
+        assert killed.returncode == 137, f"point {n} ({points[n - 1]}) was not reached: rc {killed.returncode}"
+        counts["tried"] += 1
+        rerun = _stcompress(recipe)
+        assert rerun.returncode == 0, f"rerun after a kill at {n} ({points[n - 1]}): {rerun.stderr[-2000:]}"
+        counts["survived"] += 1
+        counts["identical"] += outputs(root / "run") == reference
+        shutil.rmtree(root)
+    print("soak counts", counts)
+    assert counts["identical"] == counts["tried"] == len(points)
+
+
+def test_run_refuses_partial_downstream_state_after_its_upstream_reran(tmp_path, monkeypatch):
+    """In `stcompress run`, an importance search interrupted on one pruned model must not be
+    continued on another one after its upstream stage reran into the same path (issue 9 item 5)."""
+    import yaml
+
+    from stcompress.config import RunConfig
+    from stcompress.importance import evaluator as ev
+    from stcompress.model.tiny import tiny_model_cache
+    from stcompress.stages import run as runner
+
+    six = tiny_model_cache(text_layers=6, seed=3)
+
+    def write(layers: list[int], restart: bool = False) -> Path:
+        stages = [
+            {"name": "small", "stage": "prune", "config": {"model": {"path": str(six)}, "layers": layers, **CHECK}},
+            {"name": "importance", "stage": "importance", "config": {
+                "model": {"path": "${small}"}, "data": {"subset": "test"}, "rounds": 1, "restart": restart}},
+        ]
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "defaults": DEFAULTS, "stages": stages}))
+        return path
+
+    real, calls = ev.GenerationEvaluator.evaluate, []
+
+    def dying(self, removed, n):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(removed)
+        return real(self, removed, n)
+
+    monkeypatch.setattr(ev.GenerationEvaluator, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(RunConfig(recipe=str(write([1]))), progress=False)
+    monkeypatch.setattr(ev.GenerationEvaluator, "evaluate", real)
+    assert (tmp_path / "run" / "importance" / "candidates.rank0.jsonl").is_file()
+    with pytest.raises(StcompressError, match=r"holds a search of other inputs \(the content of the model changed"):
+        runner.run(RunConfig(recipe=str(write([2]))), progress=False)  # prune reruns: other weights, same path
+    runner.run(RunConfig(recipe=str(write([2], restart=True))), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "importance" / "candidates.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "run" / "importance" / MANIFEST).read_text())["resumed"] is False and len(rows) == 4

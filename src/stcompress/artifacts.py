@@ -43,17 +43,20 @@ _faults_seen = 0
 
 def fault_point(where: str) -> None:
     """Test-only kill switch (tests/test_faults.py): with STCOMPRESS_FAULT_AT=N the process dies at
-    the Nth point it reaches, like a SIGKILL (os._exit: no cleanup, no finally); with
-    STCOMPRESS_FAULT_LOG=FILE each point reached is appended to FILE. Points sit inside every atomic
-    write (temp file written, not renamed) and between the renames that replace a directory."""
+    the Nth point it reaches (TEXT:N: the Nth point whose name contains TEXT), like a SIGKILL
+    (os._exit: no cleanup, no finally); with STCOMPRESS_FAULT_LOG=FILE each point reached is
+    appended to FILE. Points sit inside every atomic write (temp file written, not renamed), between
+    the renames that replace a directory, and inside the search's appends."""
     global _faults_seen
     if log_path := os.environ.get(FAULT_LOG):
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(where + "\n")
-    if (at := os.environ.get(FAULT_AT)) is not None:
-        _faults_seen += 1
-        if _faults_seen == int(at):
-            os._exit(137)
+    if at := os.environ.get(FAULT_AT):
+        text, _, n = at.rpartition(":")
+        if text in where:
+            _faults_seen += 1
+            if _faults_seen == int(n):
+                os._exit(137)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
