@@ -285,10 +285,10 @@ def test_cached_tower_output_trains_exactly_like_the_live_tower(tmp_path, manife
     monkeypatch.setattr(tower_memo.MEMO, "limit", 0)  # count every tower run (no cross-stage memo)
     cached = finetune.run(_cfg(tmp_path / "cached", manifest, **over, **{"train.cache_audio": "true"}), progress=False)
     m = read_manifest(cached)
-    # 3 distinct clips (train and dev share them), encoded in one batch before training; the 9
+    # 3 distinct clips (train and dev share them), encoded one by one before training; the 9
     # training steps and 3 dev passes then never run the tower (the reload check's decoding does).
     assert m["data"]["cached_clips"] == 3 and read_manifest(live)["data"]["cached_clips"] == 0
-    assert len(calls) == 1 + 2 * m["reload_check"]["segments"]
+    assert len(calls) == 3 + 2 * m["reload_check"]["segments"]
     assert _train_losses(cached) == pytest.approx(_train_losses(live), rel=1e-5)
     dev = [[json.loads(r)["dev_loss"] for r in (out / "history.jsonl").read_text().splitlines() if '"dev"' in r]
            for out in (live, cached)]
@@ -303,6 +303,7 @@ def test_a_kill_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp
     old = tmp_path / "last.old"
     old.mkdir()
     (old / ckpt.STATE_FILE).write_text(json.dumps(ckpt.TrainerState(config={"a": 1}, step=7).to_json()))
+    ckpt.write_checksums(old)
     state = ckpt.read_state(tmp_path)  # `last` is gone: the kill came after last -> last.old
     assert state is not None and state.step == 7 and (tmp_path / "last" / ckpt.STATE_FILE).is_file()
     assert not old.exists() and ckpt.read_state(tmp_path / "nothing") is None

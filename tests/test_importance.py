@@ -83,6 +83,37 @@ def test_torn_last_line_is_redone(tmp_path):
     assert len(again.calls) == 1 and path.read_bytes().endswith(b"\n")
 
 
+def _tamper(path, old, new):
+    data = path.read_text()
+    assert old in data
+    path.write_text(data.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("what", ["score", "corrupt last line", "hypotheses edited", "hypotheses deleted"])
+def test_tampered_resume_state_is_refused_naming_the_file(tmp_path, what):
+    """Everything a resume reads carries a checksum; a complete record or hypotheses file that was
+    changed after it was written is refused, never used (issue 9 item 6)."""
+    with pytest.raises(KeyboardInterrupt):
+        GreedySearch(_settings(), TableEvaluator(GAINS, fail_after=6), tmp_path).run()
+    state, hyp = tmp_path / "candidates.rank0.jsonl", tmp_path / "hypotheses" / "round01-layer02.jsonl"
+    if what == "score":
+        _tamper(state, '"chrf": 51.1', '"chrf": 99.0')
+        expected = "candidates.rank0.jsonl: line 3 does not match its checksum"
+    elif what == "corrupt last line":  # complete (newline-terminated): not what a kill leaves
+        state.write_text(state.read_text() + '{"round": 2, "layer"\n')
+        expected = "candidates.rank0.jsonl: line 7 is corrupt"
+    elif what == "hypotheses edited":
+        _tamper(hyp, '"h"', '"H"')
+        expected = "round01-layer02.jsonl: missing or changed since it was scored"
+    else:
+        hyp.unlink()
+        expected = "round01-layer02.jsonl: missing or changed since it was scored"
+    again = TableEvaluator(GAINS)
+    with pytest.raises(StcompressError, match=expected):
+        GreedySearch(_settings(), again, tmp_path).run()
+    assert again.calls == []
+
+
 def test_two_processes_share_rounds_and_agree(tmp_path):
     single = GreedySearch(_settings(), TableEvaluator(GAINS), tmp_path / "one").run()
     evaluators = [TableEvaluator(GAINS), TableEvaluator(GAINS)]
@@ -224,6 +255,69 @@ def test_cli_resume_after_interrupt(engineered, tmp_path, monkeypatch):
     # a finished search is not redone; a different one is refused
     assert cli.main(_importance_args(model_dir, manifest, out)) == 0
     assert cli.main(_importance_args(model_dir, manifest, out, "--metric", "bleu")) == 2
+
+
+def test_own_temp_file_from_a_kill_is_not_foreign(engineered, tmp_path):
+    """A kill during the first write of search.json leaves its temp file: not a foreign file, and
+    removed on the next start (issue 9 item 4)."""
+    model_dir, manifest = engineered
+    out = tmp_path / "out"
+    (out / "hypotheses").mkdir(parents=True)
+    (out / ".search.json.x1y2.tmp").write_text("{")
+    (out / "hypotheses" / ".baseline.jsonl.abc.tmp").write_text('{"id"')
+    assert cli.main(_importance_args(model_dir, manifest, out, "--rounds", "1", "--data.limit", "2")) == 0
+    assert read_manifest(out)["stage"] == "importance"
+    assert not [p.name for p in out.rglob(".*.tmp")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert cli.main(_importance_args(model_dir, manifest, tmp_path / "mine", "--rounds", "1")) == 2
+
+
+def _interrupted_search(monkeypatch, args, after=3):
+    from stcompress.importance import evaluator as ev
+
+    real = ev.GenerationEvaluator.evaluate
+    calls = []
+
+    def dying(self, removed, n):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(removed)
+        return real(self, removed, n)
+
+    monkeypatch.setattr(ev.GenerationEvaluator, "evaluate", dying)
+    assert cli.main(args) == 130
+    monkeypatch.setattr(ev.GenerationEvaluator, "evaluate", real)
+
+
+def test_resume_refuses_other_model_or_data_content_at_the_same_path(engineered, tmp_path, monkeypatch, capsys):
+    """The resume state is bound to the content of its inputs, not only their paths: another model
+    (an upstream stage reran) or edited data at the same path is refused, --restart starts over and
+    ends like a clean search of the new inputs (issue 9 item 5)."""
+    import shutil
+
+    model_dir, manifest = engineered
+    model, data, out = tmp_path / "model", tmp_path / "dev.jsonl", tmp_path / "out"
+    shutil.copytree(model_dir, model)
+    shutil.copy(manifest, data)
+    args = _importance_args(model, data, out, "--rounds", "1", "--data.limit", "2")
+    _interrupted_search(monkeypatch, args, after=2)
+    capsys.readouterr()
+    shutil.rmtree(model)
+    shutil.copytree(tiny_model_cache(text_layers=6, seed=4), model)  # same path, other weights
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a search of other inputs (the content of the model changed" in err and "--restart" in err
+    assert len(err.strip().splitlines()) == 1
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0].replace('"text_de": "', '"text_de": "x'), *lines[1:]]) + "\n")
+    assert cli.main(args) == 2
+    assert "the content of the model and data changed" in capsys.readouterr().err
+    assert cli.main([*args, "--restart"]) == 0
+    clean = tmp_path / "clean"
+    assert cli.main(_importance_args(model, data, clean, "--rounds", "1", "--data.limit", "2")) == 0
+    read = lambda d: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in (d / "candidates.jsonl").read_text().splitlines()]
+    assert read(out) == read(clean) and read_manifest(out)["resumed"] is False
 
 
 @pytest.mark.parametrize(

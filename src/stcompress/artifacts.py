@@ -50,6 +50,28 @@ def _umask() -> int:
     return mask
 
 
+FAULT_AT, FAULT_LOG = "STCOMPRESS_FAULT_AT", "STCOMPRESS_FAULT_LOG"
+_faults_seen = 0
+
+
+def fault_point(where: str) -> None:
+    """Test-only kill switch (tests/test_faults.py): with STCOMPRESS_FAULT_AT=N the process dies at
+    the Nth point it reaches (TEXT:N: the Nth point whose name contains TEXT), like a SIGKILL
+    (os._exit: no cleanup, no finally); with STCOMPRESS_FAULT_LOG=FILE each point reached is
+    appended to FILE. Points sit inside every atomic write (temp file written, not renamed), between
+    the renames that replace a directory, and inside the search's appends."""
+    global _faults_seen
+    if log_path := os.environ.get(FAULT_LOG):
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(where + "\n")
+    if at := os.environ.get(FAULT_AT):
+        text, _, n = at.rpartition(":")
+        if text in where:
+            _faults_seen += 1
+            if _faults_seen == int(n):
+                os._exit(137)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -72,6 +94,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fault_point(f"write {path.name}")
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -136,6 +159,16 @@ def path_identity(path: str | Path) -> dict[str, Any]:
             digest.update(f"{f.relative_to(p)}:{h.get('sha256') or h.get('sha256_sampled')}\n".encode())
         return {"path": str(p.resolve()), "sha256": digest.hexdigest(), "bytes": total}
     return {"name": str(path)}
+
+
+def content_identity(identity: Any) -> Any:
+    """An identity (or a tree of them) without local paths: what a resume compares, so that the
+    same content found elsewhere matches and other content at the same path does not."""
+    if isinstance(identity, dict):
+        return {k: content_identity(v) for k, v in identity.items() if k != "path"}
+    if isinstance(identity, list):
+        return [content_identity(v) for v in identity]
+    return identity
 
 
 def package_versions() -> dict[str, str]:
@@ -285,8 +318,11 @@ def staged_output(output: str | Path) -> Iterator[Path]:
         raise
     if output.exists():
         trash = output.parent / f".{output.name}.old-{os.getpid()}-{int(time.time())}"
+        fault_point(f"replace {output.name}")
         os.replace(output, trash)
+        fault_point(f"between renames {output.name}")
         os.replace(stage_dir, output)
         shutil.rmtree(trash, ignore_errors=True)
     else:
+        fault_point(f"rename {output.name}")
         os.replace(stage_dir, output)

@@ -457,6 +457,7 @@ class ImportanceConfig:
     prefilter_keep: int = 8  # candidates per round kept for generation by the prefilter
     proxies: tuple[str, ...] = ()  # proxies logged for every candidate, with their rank correlation
     wait_timeout: float = 86400.0  # seconds a process waits for the other GPUs' candidates
+    restart: bool = False  # discard an unfinished search in `output` (ours only) instead of resuming it
     comet: CometConfig = field(default_factory=CometConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

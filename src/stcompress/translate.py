@@ -108,7 +108,7 @@ class Translator:
             return cache
         bar = progress_bar(len(todo), "audio", "seg", progress=self.progress, leave=False)
         states = tower_outputs(self.model, self.processor.feature_extractor, [ex.audio for ex in todo],
-                               max(1, self.batch_size), on_batch=bar.update, remember=self.remember_audio)
+                               on_batch=bar.update, remember=self.remember_audio)
         bar.close()
         for start in range(0, len(todo), max(1, self.batch_size)):
             chunk = range(start, min(start + max(1, self.batch_size), len(todo)))

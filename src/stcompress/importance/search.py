@@ -9,6 +9,7 @@ k % world; each process reads everyone's records and makes the same decisions.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from stcompress.artifacts import write_jsonl
+from stcompress.artifacts import atomic_write_bytes
 from stcompress.errors import StcompressError
-from stcompress.importance.state import Record, SearchState, hypotheses_name
+from stcompress.importance.state import Record, SearchState, bytes_hash, hypotheses_name
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,12 @@ class GreedySearch:
         t0 = time.perf_counter()
         scores, signatures, rows = self.evaluator.evaluate(list(variant), segments)
         name = hypotheses_name(round_, layer, segments, self.s.total_segments)
-        write_jsonl(self.directory / "hypotheses" / name, rows)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        atomic_write_bytes(self.directory / "hypotheses" / name, text)
         record = Record(
             round=round_, layer=layer, removed=removed, segments=segments, scores=scores,
             seconds=round(time.perf_counter() - t0, 3), approximate=segments < self.s.total_segments,
-            signatures=signatures,
+            signatures=signatures, hypotheses=name, hypotheses_sha256=bytes_hash(text),
         )
         self.state.append(record)  # after the hypotheses: a record implies its file exists
         log.info("round %d %s: %s=%.2f (%d segments)", round_, "baseline" if layer is None else f"-layer {layer}",

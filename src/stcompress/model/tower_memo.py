@@ -101,30 +101,36 @@ MEMO = TowerMemo(int(float(os.environ.get(MEMO_ENV, "2048")) * 2**20))
 
 
 @torch.no_grad()
-def tower_outputs(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray], batch_size: int = 16,
-                  on_batch: Any = None, remember: bool = True) -> list[torch.Tensor]:
+def tower_outputs(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray], on_batch: Any = None,
+                  remember: bool = True) -> list[torch.Tensor]:
     """Audio-tower output per clip, (n_audio_tokens, d_audio) on the CPU, from MEMO where possible.
 
-    Clips run through the tower in batches of similar length (it runs up to the longest clip of a
-    batch); `on_batch(n)` is called with the number of clips each batch finished (progress bars).
+    Each clip runs through the tower alone: batched, the tower is trimmed to the batch's longest
+    clip and the kernels see other shapes, which moves the last bits (1e-6 on CPU), so a clip's
+    output would depend on which clips it was batched with, and a resumed `run` (whose memo holds
+    other batches) would train to a different adapter. Alone, the output is a function of the clip
+    and the tower only: a memo hit is bit for bit what a fresh computation gives.
+    `on_batch(n)` is called with the number of clips finished (progress bars).
     """
     fp = MEMO.fingerprint(model, extractor) if remember and MEMO.limit > 0 else None
     keys = [clip_key(a) for a in audios]
     out: list[torch.Tensor | None] = [MEMO.get(fp, k) if fp else None for k in keys]
-    todo = sorted((i for i, o in enumerate(out) if o is None), key=lambda i: len(audios[i]))
+    todo = [i for i, o in enumerate(out) if o is None]
     MEMO.hits += len(audios) - len(todo)
     MEMO.misses += len(todo)
     if on_batch is not None and len(audios) > len(todo):
         on_batch(len(audios) - len(todo))
-    for start in range(0, len(todo), max(1, batch_size)):
-        idx = todo[start : start + batch_size]
-        feats = extractor([audios[i] for i in idx], sampling_rate=SAMPLE_RATE, padding="max_length",
-                          truncation=True, return_attention_mask=True, return_tensors="pt")
-        states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
-        for i, h, n in zip(idx, states, lengths.tolist()):
-            out[i] = h[:n].to("cpu").clone()
-            if fp:
-                MEMO.put(fp, keys[i], out[i])
+    for i in todo:
+        out[i] = _one_clip(model, extractor, audios[i])
+        if fp:
+            MEMO.put(fp, keys[i], out[i])
         if on_batch is not None:
-            on_batch(len(idx))
+            on_batch(1)
     return out  # type: ignore[return-value]
+
+
+def _one_clip(model: nn.Module, extractor: Any, audio: np.ndarray) -> torch.Tensor:
+    feats = extractor([audio], sampling_rate=SAMPLE_RATE, padding="max_length", truncation=True,
+                      return_attention_mask=True, return_tensors="pt")
+    states, lengths = arch.tower_states(model, feats["input_features"], feats["attention_mask"])
+    return states[0, : int(lengths[0])].to("cpu").clone()

@@ -32,6 +32,7 @@ import torch
 from stcompress.artifacts import (
     MANIFEST,
     atomic_write_json,
+    content_identity,
     build_manifest,
     path_identity,
     read_manifest,
@@ -50,7 +51,7 @@ from stcompress.model.save import make_processor_files_portable, reload_check, s
 from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.stages.translate import data_identity
-from stcompress.training.checkpoint import TrainerState, check_resumable, read_state, resume_config
+from stcompress.training.checkpoint import TrainerState, check_inputs, check_resumable, read_state, resume_config
 from stcompress.training.collate import Collator, TowerCache, encode_items
 from stcompress.training.forward import TranslationLM, evaluating, vocab_size
 from stcompress.training.loop import TrainData, Trainer
@@ -338,6 +339,12 @@ def setup(cfg: FinetuneConfig, device: torch.device) -> Setup:
                  teacher=teacher, timings=timings)
 
 
+def resume_inputs(cfg: FinetuneConfig, job: Setup) -> dict[str, Any]:
+    """What a checkpoint is bound to besides the config: the content of every input."""
+    dev_cfg = dev_data_config(cfg)
+    return content_identity({**job.inputs, "dev": data_identity(dev_cfg) if dev_cfg else None})
+
+
 def write_output(cfg: FinetuneConfig, job: Setup, state: TrainerState, stats: dict[str, Any], on_gpu: bool) -> None:
     langs = sorted({e.item.example.target_lang for e in job.data.train})
     t0 = time.perf_counter()
@@ -373,6 +380,9 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     job = setup(cfg, accelerator.device)
+    inputs = resume_inputs(cfg, job)
+    if saved is not None:
+        check_inputs(saved, inputs, ckpt_dir)
     params = trainable_report(job.model)
     log.info("%s fine-tuning: %d training items, %d dev items, %s of %s weights train (%.2f%%)", cfg.mode,
              len(job.data.train), len(job.data.dev), f"{params['trainable_parameters']:,}",
@@ -380,6 +390,7 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
     t0 = time.perf_counter()
     trainer = Trainer(cfg, accelerator, TranslationLM(job.model), job.data, processor=job.loaded.processor,
                       ckpt_dir=ckpt_dir, config=to_dict(cfg), teacher=job.teacher, progress=progress, on_step=on_step)
+    trainer.state.inputs = inputs
     trainer.restore()
     state = trainer.fit()
     job.timings["train"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, path_identity, write_jsonl
+from stcompress.artifacts import MANIFEST, atomic_write_json, build_manifest, content_identity, path_identity, write_jsonl
 from stcompress.artifacts import removed_on_error, write_manifest
 from stcompress.config import ImportanceConfig, to_dict
 from stcompress.data.sources import load_examples
@@ -29,7 +29,7 @@ from stcompress.importance.search import GreedySearch, SearchResult, SearchSetti
 from stcompress.languages import default_selection_metric
 from stcompress.metrics.comet import CometScorer
 from stcompress.metrics.text import check_scorer
-from stcompress.model.load import LoadedModel, load_model
+from stcompress.model.load import LoadedModel, load_model, resolve_model_path
 from stcompress.outputs import claims_output
 from stcompress.stages.translate import data_identity, model_info
 from stcompress.translate import Translator
@@ -54,30 +54,82 @@ def selection_metric(cfg: ImportanceConfig) -> str:
 
 
 def _fingerprint(cfg: ImportanceConfig) -> dict[str, Any]:
-    """What must match for an unfinished output to be resumed (not where it is written)."""
+    """What must match for an unfinished output to be resumed (not where it is written): the
+    settings, and the content of the model and the data (the same path may hold other weights
+    after an upstream stage reran)."""
     record = to_dict(cfg)
-    for key in ("output", "wait_timeout"):
+    for key in ("output", "wait_timeout", "restart"):
         record.pop(key)
     record["model"].pop("device")
     record["selection_metric"] = selection_metric(cfg)
+    record["inputs"] = input_fingerprint(cfg)
     return record
 
 
-def _prepare_output(cfg: ImportanceConfig, rank: int) -> str:
+def input_fingerprint(cfg: ImportanceConfig) -> dict[str, Any]:
+    """Content hashes of the model and the data; paths left out (the config has them)."""
+    return content_identity({"model": path_identity(resolve_model_path(cfg.model.path)), "data": data_identity(cfg.data)})
+
+
+# Our own files: an output that holds only these is ours to resume or restart.
+_STATE = (SETTINGS, RESULT, BASELINE, CANDIDATES, MANIFEST, "heatmap.png", "proxies.json", "hypotheses")
+
+
+def _own_temp(p: Path) -> bool:
+    """A temporary file of our atomic writes (`.NAME.XXXX.tmp`, `.heatmap.png.tmp.png`): a kill mid-write leaves one."""
+    return p.is_file() and p.name.startswith(".") and p.name.endswith((".tmp", ".tmp.png"))
+
+
+def _remove_temps(out: Path) -> None:
+    for p in [*out.glob(".*"), *(out / "hypotheses").glob(".*")]:
+        if _own_temp(p):
+            p.unlink(missing_ok=True)
+
+
+def _discard_state(out: Path) -> None:
+    """--restart: remove this search's own files, nothing else."""
+    import shutil
+
+    for p in out.iterdir():
+        if p.name in _STATE and p.is_dir():
+            shutil.rmtree(p)
+        elif p.name in _STATE or p.name.startswith("candidates.rank") or _own_temp(p):
+            p.unlink()
+    log.info("restart: discarded the earlier search state in %s", out)
+
+
+def _prepare_output(cfg: ImportanceConfig, rank: int, world: int, current: dict[str, Any]) -> str:
     """'fresh', 'resume' or 'done'; refuses an output that holds a different search."""
     out = Path(cfg.output)
     settings = out / SETTINGS
+    if rank == 0 and world == 1 and out.is_dir():  # several processes: another one may be mid-write
+        _remove_temps(out)
     if not settings.is_file():
-        foreign = [p for p in out.iterdir() if not p.name.startswith(("candidates.rank", "hypotheses"))] if out.exists() else []
+        foreign = [p for p in out.iterdir() if not p.name.startswith(("candidates.rank", "hypotheses")) and not _own_temp(p)] \
+            if out.exists() else []
         if foreign and rank == 0:  # another process of this launch may already have written its state
             raise StcompressError(f"output: {out} exists and is not an importance search; choose a new --output")
         return "fresh"
-    previous = json.loads(settings.read_text(encoding="utf-8"))
-    if previous != _fingerprint(cfg):
-        changed = sorted(k for k in set(previous) | set(_fingerprint(cfg)) if previous.get(k) != _fingerprint(cfg).get(k))
+    if cfg.restart:
+        if rank == 0:
+            _discard_state(out)
+        return "fresh"
+    try:
+        previous = json.loads(settings.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise StcompressError(f"{settings}: corrupt; use a new --output, or --restart (restart: true) to start over") from None
+    if previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed == ["inputs"]:
+            what = [k for k in ("model", "data") if previous["inputs"].get(k) != current["inputs"].get(k)] \
+                if isinstance(previous.get("inputs"), dict) else ["model", "data"]
+            raise StcompressError(
+                f"output: {out} holds a search of other inputs (the content of the {' and '.join(what)} changed "
+                "since it started); use a new --output, or --restart (restart: true) to discard that search and start over"
+            )
         raise StcompressError(
             f"output: {out} holds a search with different settings ({', '.join(changed)}); "
-            "use a new --output, or delete it to start over"
+            "use a new --output, or --restart (restart: true) to discard that search and start over"
         )
     return "done" if (out / MANIFEST).is_file() else "resume"
 
@@ -152,7 +204,8 @@ def proxy_report(result: SearchResult, records: list, metric: str) -> dict[str, 
 def run(cfg: ImportanceConfig, *, progress: bool = True) -> Path:
     rank, world, local_rank = distributed()
     out = Path(cfg.output)
-    status = _prepare_output(cfg, rank)
+    fingerprint = _fingerprint(cfg)
+    status = _prepare_output(cfg, rank, world, fingerprint)
     if status == "done":
         log.info("%s already holds this finished search; nothing to do", out)
         return out
@@ -170,7 +223,7 @@ def run(cfg: ImportanceConfig, *, progress: bool = True) -> Path:
     settings = _settings(cfg, evaluator.n_layers, len(data.examples))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / SETTINGS, _fingerprint(cfg))
+        atomic_write_json(out / SETTINGS, fingerprint)
     proxies = {}
     for name in dict.fromkeys([*cfg.proxies, *([cfg.prefilter] if cfg.prefilter else [])]):
         from stcompress.importance.proxies import make_prefilter

@@ -10,12 +10,17 @@ Each is written under a temporary name and renamed into place, so a kill while s
 previous checkpoint intact. accelerate does the model/optimizer part so sharded FSDP / DeepSpeed
 states are saved its way; the hooks below keep only trainable weights in the non-sharded case
 (a QLoRA checkpoint is the adapter and its optimizer state, not another copy of the 4-bit base).
-A resumed run must have the same training config (compared key by key) as the one it continues.
+A resumed run must have the same training config (compared key by key) as the one it continues,
+and the same inputs: the content of the model, data and teacher (`TrainerState.inputs`), so other
+weights at the same path (an upstream stage reran) are refused. Both directories end with
+`checksums.json` (sha256 of every file, written last, inside the temporary directory), verified
+before anything is read back: a changed or damaged file is refused by name, never trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stcompress.artifacts import atomic_write_json, reading
+from stcompress.artifacts import atomic_write_json, fault_point, reading
 from stcompress.errors import StcompressError
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 LAST, BEST = "last", "best"
 STATE_FILE = "trainer_state.json"
 BEST_WEIGHTS = "model.safetensors"
+CHECKSUMS = "checksums.json"
 # Config keys that may change between a run and its resumption (they do not change the training).
 _RESUME_FREE = ("output", "train.checkpoint_dir", "train.resume", "train.keep_checkpoints", "train.log_every",
                 "train.num_workers", "train.check_segments")
@@ -61,6 +67,7 @@ class TrainerState:
     target_tokens: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed at
     config: dict[str, Any] = field(default_factory=dict)  # flattened training config
+    inputs: dict[str, Any] = field(default_factory=dict)  # content identities of model, data, teacher
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +137,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        fault_point(f"between renames {final.name}")
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -143,6 +151,7 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, state: TrainerState) -> No
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, state.to_json())
+        write_checksums(tmp)
         _replace_dir(tmp, ckpt_dir / LAST)
     accelerator.wait_for_everyone()
     log.debug("checkpoint at step %d -> %s", state.step, ckpt_dir / LAST)
@@ -160,10 +169,48 @@ def _recover(final: Path) -> None:
 def read_state(ckpt_dir: Path) -> TrainerState | None:
     _recover(ckpt_dir / LAST)
     path = ckpt_dir / LAST / STATE_FILE
-    if not path.is_file():
+    if not (ckpt_dir / LAST).is_dir():
         return None
+    verify_checksums(ckpt_dir / LAST)
     with reading(path, _CORRUPT):
         return TrainerState.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """sha256 of every file of a checkpoint directory, written last (full hashes: a flipped bit
+    anywhere in the weights or the optimizer state must show)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    atomic_write_json(directory / CHECKSUMS, {str(p.relative_to(directory)): _sha256(p) for p in files})
+
+
+def verify_checksums(directory: Path) -> None:
+    fix = "restore it, or set train.resume: never to start over (that discards the checkpoints)"
+    listing = directory / CHECKSUMS
+    try:
+        expected = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise StcompressError(f"checkpoint: {listing} is missing or corrupt, so {directory} cannot be trusted; {fix}") from None
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise StcompressError(f"checkpoint: {path} is missing or does not match its checksum (changed or damaged "
+                                  f"since it was saved); {fix}")
+
+
+def check_inputs(saved: TrainerState, inputs: dict[str, Any], ckpt_dir: Path) -> None:
+    """A checkpoint trained on other content (model, data, teacher) must not be continued."""
+    changed = sorted(k for k in set(saved.inputs) | set(inputs) if saved.inputs.get(k) != inputs.get(k))
+    if changed:
+        raise StcompressError(f"train.resume: the checkpoint in {ckpt_dir} was trained on other inputs (the content of "
+                              f"{', '.join(changed)} changed since); use a new output, or set train.resume: never to start over")
 
 
 def check_resumable(saved: TrainerState, config: dict[str, Any], ckpt_dir: Path) -> None:
@@ -193,6 +240,7 @@ def save_best(accelerator: Any, model: nn.Module, ckpt_dir: Path, record: dict[s
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / BEST_WEIGHTS))
         atomic_write_json(tmp / "best.json", record)
+        write_checksums(tmp)
         _replace_dir(tmp, ckpt_dir / BEST)
     accelerator.wait_for_everyone()
 
@@ -201,6 +249,7 @@ def load_best(model: nn.Module, ckpt_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     best = ckpt_dir / BEST
+    verify_checksums(best)
     with reading(best, _CORRUPT):
         load_trainable(model, load_file(str(best / BEST_WEIGHTS)), where=str(best))
         return json.loads((best / "best.json").read_text(encoding="utf-8"))

@@ -114,13 +114,13 @@ class TowerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
 
-    def fill(self, model: Any, feature_extractor: Any, items: Sequence[Encoded], batch_size: int = 16) -> None:
+    def fill(self, model: Any, feature_extractor: Any, items: Sequence[Encoded]) -> None:
         todo: dict[str, Any] = {}
         for e in items:
             key = clip_key(e.item.example.audio)
             if key not in self.store:
                 todo.setdefault(key, e.item.example.audio)
-        outs = tower_outputs(model, feature_extractor, list(todo.values()), batch_size)
+        outs = tower_outputs(model, feature_extractor, list(todo.values()))
         self.store.update(zip(todo, outs))
 
     def states(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
