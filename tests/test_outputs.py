@@ -224,13 +224,14 @@ def test_a_reused_pid_and_a_foreign_hosts_lock(tmp_path):
 
 def test_ranks_of_one_launch_share_the_lock_and_other_launches_are_refused(tmp_path, monkeypatch):
     out = tmp_path / "out"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "0")
     with claim(out):  # rank 0 takes it for the launch
         record = json.loads(lock.lock_path(out).read_text())
-        assert record["launch"] == "127.0.0.1:29500" and record["ready"] is True
+        assert record["launch"] == "-@127.0.0.1:29500" and record["ready"] is True
         monkeypatch.setenv("RANK", "1")
         lock._HELD.clear()  # rank 1 is another process: it does not share rank 0's memory
         with claim(out):  # rank 1 of the same launch goes ahead

@@ -7,7 +7,7 @@ dead or reused by a later process) is stale: it is taken over with a warning. A 
 host cannot be checked and is never taken over; the message says how to remove it.
 
 A multi-process launch (torchrun / accelerate launch: RANK, WORLD_SIZE) is one writer: rank 0 takes
-the lock and records the launch (TORCHELASTIC_RUN_ID, else MASTER_ADDR:MASTER_PORT); the other ranks
+the lock and records the launch (TORCHELASTIC_RUN_ID@MASTER_ADDR:MASTER_PORT); the other ranks
 wait until the lock names their launch and never take or release it themselves.
 """
 
@@ -43,7 +43,8 @@ def _launch() -> tuple[int, str | None]:
     """(rank, launch id): (0, None) for a plain process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, None
-    launch = os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    # Two live launches never share a master port; the run id tells apart launches that reuse one.
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', '-')}@{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     return int(os.environ.get("RANK", "0")), launch
 
 
@@ -139,8 +140,8 @@ def _wait_for_rank0(output: Path, path: Path, launch: str, item: str) -> None:
     deadline = time.monotonic() + RANK_WAIT
     while time.monotonic() < deadline:
         holder = _read(path)
-        if holder and holder.get("launch") == launch and holder.get("ready"):
-            return
+        if holder and holder.get("launch") == launch and holder.get("ready") and _alive(holder):
+            return  # (a dead holder with our launch id: a killed launch that used the same port)
         if holder and holder.get("launch") != launch and holder.get("host") == socket.gethostname() and _alive(holder):
             raise _refuse(output, path, holder, item)
         time.sleep(0.1)
