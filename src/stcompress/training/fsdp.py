@@ -71,9 +71,12 @@ def plugin(cfg: FinetuneConfig) -> Any:
 def enable_on_cpu(accelerator: Any, fsdp_plugin: Any) -> None:
     """accelerate leaves multi-process CPU runs as DDP even when FSDP is asked for; FSDP2 works on
     gloo, so switch the shared state to FSDP (the plugin then drives `prepare` as on GPUs)."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Both shared states: every AcceleratorState() copies PartialState's fields over its own.
+        PartialState().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = fsdp_plugin
 

@@ -84,6 +84,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, name:
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     kwargs: dict[str, Any] = {"lr": lr} if name == "adafactor" else {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    if name == "adamw" and params and all(p.device.type == "cuda" for p in params):
+        kwargs["fused"] = True  # one kernel, no foreach temporaries the size of all weights at step time
     return optimizer_cls([g for g in groups if g["params"]], **kwargs)
 
 
