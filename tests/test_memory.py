@@ -66,7 +66,7 @@ def _grads(lm: TranslationLM, batch) -> tuple[float, dict[str, torch.Tensor]]:
     lm.zero_grad(set_to_none=True)
     ce, _ = lm(**batch, ce_only=True)
     ce.backward()
-    return float(ce), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    return float(ce.detach()), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
 
 
 def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(batch):
@@ -87,7 +87,7 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(batch):
     loss_b, grads_b = _grads(TranslationLM(model, loss_chunk=4), b)
     assert loss_b == pytest.approx(loss_a, rel=1e-6) and grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)  # fp32 summation order
     # The chunk's logits are not kept for backward: autograd saves far less (hidden states only).
     lm = TranslationLM(model, loss_chunk=4)
     weights = list(model.parameters())
@@ -101,8 +101,10 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(batch):
 def test_gradient_checkpointing_through_our_forward_gives_the_same_gradients(batch):
     model, b = batch
     calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1))
-             for m in (arch.decoder_layers(model)[0], arch.audio_tower(model).layers[0])]
+    # Hooks on a sublayer: transformers 5.x checkpoints a layer's forward, so the layer's own hooks
+    # stay outside the checkpoint and run once; its submodules run again when it is recomputed.
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1))
+             for m in (arch.decoder_layers(model)[0].mlp, arch.audio_tower(model).layers[0].fc1)]
     try:
         loss_a, grads_a = _grads(TranslationLM(model), b)
         plain_calls = len(calls)
@@ -116,7 +118,7 @@ def test_gradient_checkpointing_through_our_forward_gives_the_same_gradients(bat
     assert plain_calls == 2 and len(calls) == 4  # each layer recomputed once in backward, decoder and encoder
     assert loss_b == pytest.approx(loss_a, rel=1e-6) and grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4)  # fp32 summation order
 
 
 @pytest.mark.parametrize("shape", [(96, 160, 6, 70), (48, 320, 2, 130)])
@@ -143,18 +145,27 @@ def test_layer_activation_model_matches_what_autograd_saves(shape):
 
 
 def test_whole_model_activation_estimate_against_measurement(batch):
-    """Everything autograd keeps for one fp32 training forward of the tiny model (no autocast), against
-    the estimate's activations + logits at that batch's real lengths."""
+    """What autograd keeps for one fp32 training forward of the tiny model (no autocast) against the
+    estimate at that batch's real lengths: activations of decoder + projector (cached tower output,
+    chunked CE so no logits are kept), then the plain CE's kept logits (4 bytes each: the log-softmax
+    output; the backward's transient peak, covered by the estimate's 10 bytes a logit, is not a
+    saved tensor). The tower is left out here: with a padding mask, CPU SDPA falls back to the math
+    kernel and keeps T^2 attention weights, which CUDA's memory-efficient kernel does not."""
     model, b = batch
-    kept = _saved_bytes(lambda: TranslationLM(model)(**b, ce_only=True), list(model.parameters()))
-    audio_tokens = int(b["audio_lengths"].max()) if "audio_lengths" in b else None
+    with torch.no_grad():
+        states, lengths = arch.tower_states(model, b["input_features"], b["feature_attention_mask"])
+    cached = {k: v for k, v in b.items() if k not in ("input_features", "feature_attention_mask")}
+    cached.update(audio_states=states, audio_lengths=lengths)
+    weights = list(model.parameters())
+    kept = _saved_bytes(lambda: TranslationLM(model, loss_chunk=8)(**cached, ce_only=True), weights)
+    kept_plain = _saved_bytes(lambda: TranslationLM(model)(**cached, ce_only=True), weights)
     seconds = float(b["feature_attention_mask"].sum(-1).max()) / 100
-    targets = int((b["labels"][:, 1:] != -100).sum(-1).max())
-    shape = memory.Shape(batch=b["input_ids"].shape[0], seconds=seconds, sequence=b["input_ids"].shape[1], targets=targets)
-    est = memory.estimate(model.config, shape, autocast=False)
-    predicted = est.activations + est.logits
-    assert audio_tokens is None
-    assert 0.8 * predicted <= kept <= 1.25 * predicted, (kept, predicted)
+    n_targets = int((b["labels"][:, 1:] != -100).sum())
+    shape = memory.Shape(batch=b["input_ids"].shape[0], seconds=seconds, sequence=b["input_ids"].shape[1], targets=1)
+    est = memory.estimate(model.config, shape, autocast=False, freeze_audio_tower=True, cache_audio=True)
+    assert 0.8 * est.activations <= kept <= 1.25 * est.activations, (kept, est.activations)
+    logits = 4 * n_targets * arch.lm_head(model).out_features
+    assert 0.9 * logits <= kept_plain - kept <= 1.1 * logits, (kept_plain - kept, logits)
 
 
 def test_seven_b_estimates_and_the_one_80gb_preset():
@@ -199,24 +210,33 @@ def test_every_optimizer_steps_on_cpu(name):
 
 
 def test_optimizer_and_weight_options_are_checked(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_bnb(name, *a, **k):
-        if name.startswith("bitsandbytes"):
-            raise ImportError(name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)  # as if bitsandbytes were not installed
     with pytest.raises(ConfigError, match=r"train.optimizer: adamw_8bit needs bitsandbytes; pip install 'stcompress\[quant\]'"):
         make_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.0, "adamw_8bit")
-    monkeypatch.setattr(builtins, "__import__", real)
-    problems = load_config(FinetuneConfig, None, {"mode": "lora", "train.master_weights": "bf16",
-                                                  "train.loss_chunk": "-1"}).problems()
+    monkeypatch.undo()
+    import dataclasses
+
+    base = FinetuneConfig()
+    problems = dataclasses.replace(base, mode="lora", train=dataclasses.replace(base.train, master_weights="bf16",
+                                                                                loss_chunk=-1)).problems()
     assert any(p.startswith("train.master_weights: bf16 is for mode full") for p in problems)
     assert any(p.startswith("train.loss_chunk: -1 is negative") for p in problems)
     from stcompress.stages.finetune import load_student_dtype
 
     assert load_student_dtype(load_config(FinetuneConfig, None, {"train.master_weights": "bf16"})) == "bfloat16"
     assert load_student_dtype(FinetuneConfig()) == "float32"
+
+
+def test_the_80gb_preset_parses_and_fits_80gb_at_the_papers_batch():
+    from pathlib import Path
+
+    from stcompress.config import read_yaml
+
+    preset = Path(__file__).resolve().parents[1] / "recipes" / "presets" / "teacher-80gb.yaml"
+    cfg = load_config(FinetuneConfig, read_yaml(preset))
+    t = cfg.train
+    assert not cfg.problems() and cfg.mode == "full" and (t.epochs, t.batch_size, t.lr) == (3, 4, 1e-5)
+    est = memory.estimate(SEVEN_B, memory.Shape(batch=t.batch_size, seconds=30, sequence=t.max_length),
+                          master_weights=t.master_weights, optimizer=t.optimizer,
+                          gradient_checkpointing=t.gradient_checkpointing, loss_chunk=t.loss_chunk)
+    assert est.total < 75e9
