@@ -621,6 +621,14 @@ class TrainConfig:
     # in memory (~1.9 MB per 30 s clip for the 7B in bf16) instead of recomputing it every epoch.
     cache_audio: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
+    # adamw (torch); adamw_8bit / paged_adamw_8bit / paged_adamw (bitsandbytes, stcompress[quant]);
+    # adafactor (torch, factored second moments, no first moment): optimizer-state memory per weight.
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "adafactor"] = "adamw"
+    # full: fp32 master weights (bf16 autocast on GPU), or bf16 weights, gradients and update (half the
+    # memory; updates below bf16's resolution, ~0.4% of a weight, are lost: see README).
+    master_weights: Literal["fp32", "bf16"] = "fp32"
+    loss_chunk: int = 0  # CE in chunks of this many target tokens, LM head recomputed in backward; 0: all at once
+    fsdp: bool = False  # shard with FSDP2 through accelerate without an accelerate launch config (torchrun)
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 on GPU, none on CPU
     seed: int = 0  # seed of shuffling, dropout and adapter initialisation
     num_workers: int = 0  # DataLoader workers computing audio features
@@ -674,6 +682,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dev: DevConfig = field(default_factory=DevConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    dry_run: bool = False  # print the per-GPU peak-memory estimate for these options, then exit
 
     def problems(self) -> list[str]:
         from stcompress.languages import known_languages
@@ -703,6 +712,12 @@ class FinetuneConfig:
         if kd.ratio > 0 and not kd.teacher:
             out.append(f"kd.teacher: word-level KD (kd.ratio {kd.ratio}) needs a teacher; set kd.teacher to a model "
                        "directory, or kd.ratio: 0")
+        if t.loss_chunk < 0:
+            out.append(f"train.loss_chunk: {t.loss_chunk} is negative; use 0 (no chunking) or e.g. 128")
+        if t.master_weights == "bf16" and self.mode != "full":
+            out.append(f"train.master_weights: bf16 is for mode full; mode {self.mode} sets the base dtype with model.dtype")
+        if t.master_weights == "bf16" and self.model.dtype not in ("auto", "bfloat16"):
+            out.append(f"train.master_weights: bf16 contradicts model.dtype {self.model.dtype}; set model.dtype: auto")
         if t.cache_audio and not t.freeze_audio_tower:
             out.append("train.cache_audio: needs train.freeze_audio_tower: true (a tower that trains changes its output)")
         if t.cache_audio and kd.ratio > 0:

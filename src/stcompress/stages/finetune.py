@@ -53,6 +53,7 @@ from stcompress.prompt import PromptBuilder
 from stcompress.stages.translate import data_identity
 from stcompress.training.checkpoint import TrainerState, check_inputs, check_resumable, read_state, resume_config
 from stcompress.training.collate import Collator, TowerCache, encode_items
+from stcompress.training import fsdp
 from stcompress.training.forward import TranslationLM, evaluating, vocab_size
 from stcompress.training.loop import TrainData, Trainer
 from stcompress.training.lora import apply_lora, setup_full, trainable_report
@@ -153,12 +154,16 @@ def make_accelerator(cfg: FinetuneConfig) -> Any:
         precision = "no" if cpu else "bf16"
     # The scheduler steps once per real optimizer step (never per process); models are placed by
     # load_model (4-bit models cannot be moved afterwards).
-    return Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False, device_placement=False)
+    sharding = fsdp.plugin(cfg)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False,
+                              device_placement=False, fsdp_plugin=sharding)
+    fsdp.enable_on_cpu(accelerator, sharding)
+    return accelerator
 
 
 def load_student(cfg: FinetuneConfig, path: str, device: torch.device) -> LoadedModel:
     """fp32 master weights for full fine-tuning (bf16 autocast on GPU); bf16 or NF4 bases for LoRA."""
-    dtype = "float32" if cfg.mode == "full" and cfg.model.dtype == "auto" else cfg.model.dtype
+    dtype = load_student_dtype(cfg)
     device_name = str(device) if cfg.model.device == "auto" else cfg.model.device
     quantization = None
     if cfg.mode == "qlora":
@@ -207,6 +212,10 @@ def _check_environment(cfg: FinetuneConfig) -> None:
         raise ModelError("mode: qlora needs bitsandbytes for the NF4 base; pip install 'stcompress[quant]', or use mode: lora")
     if cfg.model.load_in_4bit and cfg.mode != "qlora":
         raise ConfigError([f"model.load_in_4bit: mode {cfg.mode} trains a full-precision base; use mode: qlora for a 4-bit base"])
+    if cfg.train.optimizer not in ("adamw", "adafactor") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError([f"train.optimizer: {cfg.train.optimizer} needs bitsandbytes; pip install 'stcompress[quant]', "
+                           "or use train.optimizer: adamw"])
+    fsdp.check(cfg)
 
 
 def checkpoint_dir(cfg: FinetuneConfig) -> Path:
@@ -252,10 +261,43 @@ def cast_for_saving(model: torch.nn.Module, dtype: torch.dtype) -> None:
             config.dtype = dtype
 
 
+def _save_dtype(cfg: FinetuneConfig, trained_on_gpu: bool) -> str | None:
+    return cfg.train.save_dtype if cfg.train.save_dtype != "auto" else "bfloat16" if trained_on_gpu else None
+
+
+def consolidate(cfg: FinetuneConfig, accelerator: Any, trainer: Trainer, job: Setup, ckpt_dir: Path) -> None:
+    """FSDP: gather the trained weights (best ones when an earlier evaluation won) into a fresh
+    unsharded copy of the model on rank 0, which the ordinary save and reload check then use."""
+    state = fsdp.full_state_dict(accelerator, trainer.model)  # every process takes part
+    trainer.release()
+    if not accelerator.is_main_process:
+        return
+    best = trainer.state.best
+    if best is not None and best["step"] != trainer.state.step:
+        from safetensors.torch import load_file
+
+        best_weights = load_file(str(ckpt_dir / "best" / "model.safetensors"))
+        state.update({k.removeprefix("model."): v for k, v in best_weights.items()})
+        log.info("FSDP: saving the best weights (step %d)", best["step"])
+    name = _save_dtype(cfg, accelerator.device.type == "cuda") or load_student_dtype(cfg)
+    fresh = load_model(dataclasses.replace(cfg.model, path=job.loaded.path, dtype=name, device=str(accelerator.device)))
+    missing, unexpected = fresh.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"FSDP consolidation: {len(missing)} weights missing, {len(unexpected)} unexpected "
+                         f"(e.g. {sorted(missing or unexpected)[0]}); report this with the manifest")
+    job.model = fresh.model
+
+
+def load_student_dtype(cfg: FinetuneConfig) -> str:
+    if cfg.model.dtype != "auto" or cfg.mode != "full":
+        return cfg.model.dtype
+    return "bfloat16" if cfg.train.master_weights == "bf16" else "float32"
+
+
 def _save_weights(cfg: FinetuneConfig, model: torch.nn.Module, loaded: LoadedModel, data: TrainData, out: Path,
                   trained_on_gpu: bool) -> dict[str, Any]:
     if cfg.mode == "full":
-        name = cfg.train.save_dtype if cfg.train.save_dtype != "auto" else "bfloat16" if trained_on_gpu else None
+        name = _save_dtype(cfg, trained_on_gpu)
         if name:
             cast_for_saving(model, getattr(torch, name))
         model.eval()
@@ -371,6 +413,11 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
     from accelerate.utils import set_seed
 
     _check_environment(cfg)
+    if cfg.dry_run:
+        from stcompress.training import memory
+
+        print(memory.format_estimate(memory.estimate_for(cfg)))
+        return Path(cfg.output)
     ckpt_dir = checkpoint_dir(cfg)
     for stale in ckpt_dir.glob(".*.partial"):  # a save a kill interrupted (we hold the output's lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -387,13 +434,17 @@ def run(cfg: FinetuneConfig, *, progress: bool = True,
     log.info("%s fine-tuning: %d training items, %d dev items, %s of %s weights train (%.2f%%)", cfg.mode,
              len(job.data.train), len(job.data.dev), f"{params['trainable_parameters']:,}",
              f"{params['total_parameters']:,}", params["trainable_percent"])
+    if fsdp.sharded(accelerator):
+        fsdp.set_units(accelerator, job.loaded.model)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, accelerator, TranslationLM(job.model), job.data, processor=job.loaded.processor,
+    trainer = Trainer(cfg, accelerator, TranslationLM(job.model, loss_chunk=cfg.train.loss_chunk), job.data, processor=job.loaded.processor,
                       ckpt_dir=ckpt_dir, config=to_dict(cfg), teacher=job.teacher, progress=progress, on_step=on_step)
     trainer.state.inputs = inputs
     trainer.restore()
     state = trainer.fit()
     job.timings["train"] = time.perf_counter() - t0
+    if fsdp.sharded(accelerator):
+        consolidate(cfg, accelerator, trainer, job, ckpt_dir)
     trainer.release()
     job.teacher = None
     stats = _training_stats(state, params, accelerator.device)

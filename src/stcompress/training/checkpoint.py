@@ -100,6 +100,11 @@ def _trainable_names(model: nn.Module) -> set[str]:
 def install_hooks(accelerator: Any) -> None:
     """Make accelerate's save_state / load_state store and restore trainable weights only."""
 
+    from stcompress.training.fsdp import sharded
+
+    if sharded(accelerator):  # FSDP: accelerate's sharded save of every weight (torch.distributed.checkpoint)
+        return
+
     def save_hook(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
         for model, state in zip(models, weights):
             keep = _trainable_names(model)

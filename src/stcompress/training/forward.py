@@ -19,6 +19,7 @@ from torch import nn
 
 from stcompress.model import arch
 from stcompress.prompt import IGNORE_INDEX
+from stcompress.training.losses import chunked_cross_entropy_sum, cross_entropy_sum
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:
@@ -44,9 +45,10 @@ def audio_embeddings(model: nn.Module, input_features: torch.Tensor | None = Non
 class TranslationLM(nn.Module):
     """Wraps a Qwen2-Audio model (or a peft model around one) for training and KD."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, loss_chunk: int = 0):
         super().__init__()
         self.model = model
+        self.loss_chunk = loss_chunk  # > 0: `forward(..., ce_only=True)` computes the CE in chunks
 
     @property
     def base(self) -> nn.Module:
@@ -55,11 +57,13 @@ class TranslationLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         input_features: torch.Tensor | None = None, feature_attention_mask: torch.Tensor | None = None,
-        audio_states: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None,
+        audio_states: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None, ce_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits at the N label positions (N, vocab), their target ids (N,)), in batch order.
 
-        Audio comes as mel features (the tower runs) or as cached tower output (`audio_states`)."""
+        Audio comes as mel features (the tower runs) or as cached tower output (`audio_states`).
+        `ce_only`: (summed CE over the N positions, target ids) instead, chunked when loss_chunk > 0;
+        inside forward so that FSDP has the LM head gathered."""
         base = self.base
         embed = arch.embed_tokens(base)
         input_ids = input_ids.to(embed.weight.device)
@@ -71,8 +75,12 @@ class TranslationLM(nn.Module):
         hidden = arch.run_decoder(base, embeds, attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
-        logits = arch.lm_head(base)(hidden[:, :-1][keep])
-        return logits, targets[keep]
+        head, hidden, targets = arch.lm_head(base), hidden[:, :-1][keep], targets[keep]
+        if ce_only and self.loss_chunk > 0:
+            return chunked_cross_entropy_sum(hidden, head, targets, self.loss_chunk), targets
+        if ce_only:
+            return cross_entropy_sum(head(hidden), targets), targets
+        return head(hidden), targets
 
 
 @contextmanager

@@ -1,9 +1,8 @@
 """The training loop: plain PyTorch + accelerate, one code path for CPU, one GPU and many.
 
 `accelerate launch` gives DDP (checked on CPU: two processes train exactly like one with twice the
-batch). Optimizer, gradient clipping and checkpoints go through accelerate, so FSDP / DeepSpeed
-ZeRO-3 configs reach them too, but the stage's final save assumes unsharded weights (untested
-with sharding).
+batch), or FSDP2 with the shipped FSDP config (training/fsdp.py; checked likewise). Optimizer,
+gradient clipping and checkpoints go through accelerate, which shards them under FSDP.
 
 Per optimizer step the loop takes `grad_accum` micro-batches, divides every summed token loss by
 the number of target tokens of the whole step (all micro-batches, all processes), clips, steps
@@ -32,9 +31,11 @@ from torch.utils.data import DataLoader
 
 from stcompress.config import FinetuneConfig, GenerationConfig
 from stcompress.data.example import Example
+from stcompress.errors import ConfigError
 from stcompress.progress import bar as progress_bar
 from stcompress.prompt import IGNORE_INDEX
 from stcompress.training import checkpoint as ckpt
+from stcompress.training import fsdp
 from stcompress.training.collate import Collator, Encoded
 from stcompress.training.forward import TranslationLM, evaluating
 from stcompress.training.losses import cross_entropy_sum, kd_kl_sum, mix_losses
@@ -58,14 +59,34 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, world: i
     return batches[rank::world]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (HF Trainer's defaults); matrices decay, biases and norm weights do not."""
+OPTIMIZERS = {  # train.optimizer -> (module, class); bytes of state per trainable weight in memory.py
+    "adamw": ("torch.optim", "AdamW"),
+    "adamw_8bit": ("bitsandbytes.optim", "AdamW8bit"),  # Dettmers et al. 2022, block-wise 8-bit states
+    "paged_adamw_8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),  # states in CUDA unified memory
+    "paged_adamw": ("bitsandbytes.optim", "PagedAdamW"),
+    "adafactor": ("torch.optim", "Adafactor"),  # Shazeer & Stern 2018, factored second moment
+}
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, name: str = "adamw") -> torch.optim.Optimizer:
+    """train.optimizer with HF Trainer's AdamW defaults; matrices decay, biases and norm weights do not."""
+    import importlib
+
+    module, cls = OPTIMIZERS[name]
+    try:
+        optimizer_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise ConfigError([f"train.optimizer: {name} needs bitsandbytes; pip install 'stcompress[quant]', "
+                           "or use train.optimizer: adamw"]) from exc
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    kwargs: dict[str, Any] = {"lr": lr} if name == "adafactor" else {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    if name == "adamw" and params and all(p.device.type == "cuda" for p in params):
+        kwargs["fused"] = True  # one kernel, no foreach temporaries the size of all weights at step time
+    return optimizer_cls([g for g in groups if g["params"]], **kwargs)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total: int) -> Any:
@@ -94,7 +115,7 @@ class Trainer:
         self.ckpt_dir, self.teacher, self.on_step = ckpt_dir, teacher, on_step
         self.progress = progress and accelerator.is_main_process
         self.steps_per_epoch, self.total = plan(len(data.train), cfg, accelerator.num_processes)
-        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.optimizer)
         scheduler = make_scheduler(optimizer, cfg.train.scheduler, cfg.train.warmup_steps, self.total)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         ckpt.install_hooks(accelerator)
@@ -127,13 +148,14 @@ class Trainer:
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.teacher is None or self.cfg.kd.ratio == 0:
+            ce, _ = self.model(**batch, ce_only=True)  # chunked when train.loss_chunk > 0
+            return ce, ce, None
         logits, targets = self.model(**batch)
         ce = cross_entropy_sum(logits, targets)
-        kd = None
-        if self.teacher is not None and self.cfg.kd.ratio > 0:
-            with torch.no_grad(), self.acc.autocast():
-                teacher_logits, _ = self.teacher(**batch)
-            kd = kd_kl_sum(logits, teacher_logits, self.cfg.kd.temperature)
+        with torch.no_grad(), self.acc.autocast():
+            teacher_logits, _ = self.teacher(**batch)
+        kd = kd_kl_sum(logits, teacher_logits, self.cfg.kd.temperature)
         return mix_losses(ce, kd, self.cfg.kd.ratio), ce, kd
 
     def train_step(self, micro: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -169,9 +191,9 @@ class Trainer:
         sums = torch.zeros(2, device=self.acc.device)
         with evaluating(self.model):
             for items, weight in batches[self.acc.process_index :: world]:
-                logits, targets = self.model(**self._to_device(self.data.collator(items)))
+                ce, targets = self.model(**self._to_device(self.data.collator(items)), ce_only=True)
                 n = torch.tensor(float(len(targets)), device=sums.device)
-                sums += weight * torch.stack([cross_entropy_sum(logits, targets), n])
+                sums += weight * torch.stack([ce.float(), n])
         total, count = self.acc.reduce(sums, reduction="sum").tolist()
         return total / max(count, 1.0)
 
@@ -305,7 +327,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(s)
         bar.close()
-        if s.best is not None and s.best["step"] != s.step:
+        if s.best is not None and s.best["step"] != s.step and not fsdp.sharded(self.acc):  # FSDP: consolidate loads it
             ckpt.load_best(self.acc.unwrap_model(self.model), self.ckpt_dir)
             log.info("loaded the best weights (step %d, dev %s %.4f)", s.best["step"], s.best["metric"], s.best["value"])
         return s

@@ -21,6 +21,24 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def chunked_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """cross_entropy_sum(head(hidden), targets) without holding all N x vocab logits at once.
+
+    Each chunk of `chunk` positions runs the LM head and an fp32 CE under torch.utils.checkpoint, so
+    only the hidden states are kept for backward and the chunk's logits are recomputed there: peak
+    logit memory is chunk x vocab instead of N x vocab (bf16 logits, their fp32 copy and its gradient).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(piece, hidden[start : start + chunk], targets[start : start + chunk], use_reentrant=False)
+    return total
+
+
 def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Summed T^2 * KL(softmax(teacher / T) || softmax(student / T)) over N token positions.
 
