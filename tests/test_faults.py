@@ -194,7 +194,8 @@ def _strip(obj: Any) -> Any:
 
 def outputs(run_dir: Path) -> dict[str, Any]:
     """What a run produced that must not depend on faults: every weight tensor's bytes, every
-    hypotheses / candidates / removal-order / example file (times left out)."""
+    hypotheses / candidates / removal-order / example file (times left out); not the search's own
+    resume state, whose checksums cover timings."""
     out: dict[str, Any] = {}
     for f in sorted(run_dir.rglob("*")):
         rel = str(f.relative_to(run_dir))
@@ -202,9 +203,11 @@ def outputs(run_dir: Path) -> dict[str, Any]:
             continue
         if f.suffix == ".safetensors":
             out[rel] = _tensors(f)
+        elif f.name == "search.json" or f.name.startswith("candidates.rank"):
+            continue  # resume state: input hashes cover model-card timestamps, line checksums cover timings
         elif f.suffix == ".jsonl" and f.name != "history.jsonl":
             out[rel] = [_strip(json.loads(l)) for l in f.read_text().splitlines() if l.strip()]
-        elif f.name in ("removal_order.json", "baseline.json", "search.json"):
+        elif f.name in ("removal_order.json", "baseline.json"):
             out[rel] = _strip(json.loads(f.read_text()))
         elif f.name == "history.jsonl":
             out[rel] = [(r.get("step"), r.get("ce")) for r in map(json.loads, f.read_text().splitlines())]
