@@ -4,8 +4,12 @@
 (any machine, ~1 min) -> a saved model + processor that load with plain `from_pretrained`.
 
 Choices, each on purpose:
-- Gemma ties its LM head to the embedding; the testbed keeps the tie (`tie_word_embeddings` true in
-  both configs): the GGUF has no separate head, and an untied copy would double the vocabulary rows.
+- Gemma ties its LM head to the embedding; the testbed unties it explicitly (the head starts as an
+  exact copy, `tie_word_embeddings` false in both configs). transformers 5.x's
+  Qwen2AudioForConditionalGeneration declares no tied weights (4.5x inherits them from the text
+  model), so a tie would hold in one version and silently break in the other; untied is also
+  Qwen2-Audio's own layout, which prune / QLoRA (`keep_unquantized: lm_head`) / export assume.
+  Cost: one more vocabulary-sized matrix (23M parameters at 36k rows) in saved models, none in the pack.
 - The Whisper encoder is float32 in the saved base model (its source is float16; bf16 costs ~3% in
   its late layers): recipes keep the tower frozen and out of bf16 training.
 - The projector (512 -> 640) is random, fan-in scaled, from numpy's PCG64 with a fixed seed, so
@@ -109,8 +113,8 @@ def _config(text_config: dict[str, Any], whisper: dict[str, np.ndarray], audio_t
                  encoder_attention_heads=int(d_model) // 64, encoder_ffn_dim=int(whisper["layers.0.fc1.weight"].shape[0]),
                  d_model=int(d_model), max_source_positions=int(whisper["embed_positions.weight"].shape[0]),
                  activation_function="gelu", scale_embedding=False)
-    return Qwen2AudioConfig(audio_config=audio, text_config=dict(text_config), audio_token_index=audio_token_id,
-                            tie_word_embeddings=True)
+    return Qwen2AudioConfig(audio_config=audio, text_config=dict(text_config, tie_word_embeddings=False),
+                            audio_token_index=audio_token_id, tie_word_embeddings=False)
 
 
 def build_model(pack_path: Path, seed: int = 0) -> tuple[Any, Any]:
@@ -136,9 +140,7 @@ def build_model(pack_path: Path, seed: int = 0) -> tuple[Any, Any]:
         w = rng.standard_normal(tuple(proj.weight.shape)) / np.sqrt(proj.weight.shape[1])
         proj.weight.copy_(torch.from_numpy(w.astype(np.float32)))
         proj.bias.zero_()
-    model.tie_weights()
-    if arch.lm_head(model).weight.data_ptr() != arch.embed_tokens(model).weight.data_ptr():
-        raise ModelError("testbed: the LM head is not tied to the embedding after loading; report this as a bug")
+        arch.lm_head(model).weight.copy_(arch.embed_tokens(model).weight)  # Gemma's tied head, untied
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>", "<eos>", "<|im_end|>")}
     model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=[ids["<|im_end|>"], ids["<eos>"]],
                                                pad_token_id=ids["<pad>"], do_sample=False)

@@ -44,10 +44,10 @@ def _gguf() -> Any:
 
 
 def gemma_text_config(config: Any, vocab_size: int) -> dict[str, Any]:
-    """A plain Gemma3TextConfig dict (no quantization fields), tied embeddings kept explicit."""
+    """A plain Gemma3TextConfig dict (no quantization fields); the head is untied at build (model.py)."""
     d = config.to_dict()
     out = {k: d[k] for k in _TEXT_CONFIG_KEYS if k in d}
-    out.update(model_type="gemma3_text", vocab_size=vocab_size, tie_word_embeddings=True,
+    out.update(model_type="gemma3_text", vocab_size=vocab_size, tie_word_embeddings=False,
                pad_token_id=0, eos_token_id=1, bos_token_id=2)
     return out
 
