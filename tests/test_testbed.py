@@ -13,7 +13,7 @@ import torch
 
 from stcompress.testbed import corpus, pack, vocab
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (extra `dev`, so CI has it)
 
 TEXTS = ["the cat sat on the mat.", "the dog sat on the log.", "Das ist schön, sagte der Hund.", "猫坐在垫子上。"]
 
