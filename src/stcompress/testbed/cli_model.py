@@ -23,6 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("split-pack", help=f"cut a file into <= {CHUNK_MIB} MiB chunks + a sha256 list (for transfers)")
     s.add_argument("file", type=Path)
     s.add_argument("--mib", type=int, default=CHUNK_MIB)
+    t = sub.add_parser("tar-data", help="one language's manifests + the clips they name, as one tar (for transfers)")
+    t.add_argument("data", type=Path, help="e.g. runs/testbed-data/de")
+    t.add_argument("--out", type=Path, required=True)
     j = sub.add_parser("join-pack", help="rejoin chunks written by split-pack (sha256 checked)")
     j.add_argument("file", type=Path, help="the file to recreate; its chunks FILE.partNN and FILE.sha256 beside it")
 
@@ -39,6 +42,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(materialise(args.pack, args.out, args.seed))
     elif args.cmd == "split-pack":
         split(args.file, args.mib)
+    elif args.cmd == "tar-data":
+        tar_data(args.data, args.out)
     elif args.cmd == "join-pack":
         join(args.file)
     return 0
@@ -83,3 +88,26 @@ def join(path: Path) -> Path:
     os.replace(tmp, path)
     print(path)
     return path
+
+
+def tar_data(data: Path, out: Path) -> Path:
+    """`<lang>/` with its manifests, README, checks and only the clips the manifests name (sorted, so
+    the same data gives the same tar)."""
+    import tarfile
+
+    files = [data / n for n in ("README.md", "checks.json", "sentences.jsonl", "train.jsonl", "dev.jsonl", "test.jsonl")]
+    clips = set()
+    for split in ("train", "dev", "test"):
+        for line in (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            clips.add(data / json.loads(line)["audio"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for f in [*files, *sorted(clips)]:
+            info = tar.gettarinfo(str(f), arcname=str(f.relative_to(data.parent)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with f.open("rb") as h:
+                tar.addfile(info, h)
+    os.replace(tmp, out)
+    print(out, out.stat().st_size, f"({len(clips)} clips)")
+    return out
