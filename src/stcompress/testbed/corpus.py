@@ -121,7 +121,7 @@ def group_near_duplicates(pairs: Iterable[Pair]) -> list[list[Pair]]:
 def split_pairs(pairs: Iterable[Pair], sizes: dict[str, int]) -> dict[str, list[Pair]]:
     """Fixed splits: groups ordered by the hash of their smallest signature, test filled first.
 
-    One representative per near-duplicate group (the smallest by source id), so no split holds
+    One representative per near-duplicate group (the first in source order), so no split holds
     two near copies either. `sizes`: sentences per split (test, dev, train).
     """
     groups = group_near_duplicates(pairs)
@@ -130,7 +130,7 @@ def split_pairs(pairs: Iterable[Pair], sizes: dict[str, int]) -> dict[str, list[
     it = iter(ranked)
     for name in SPLIT_ORDER:
         for group in it:
-            out[name].append(min(group))
+            out[name].append(group[0])
             if len(out[name]) >= sizes[name]:
                 break
     for name in SPLIT_ORDER:
