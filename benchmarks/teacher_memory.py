@@ -76,7 +76,7 @@ def _batch_data(processor: Any, model: Any, batch: int, seconds: float) -> tuple
 def train_run(name: str, args: argparse.Namespace, device: str) -> tuple[dict[str, Any], Any, Any, list[Example]]:
     """Build the model, take the steps; (measurements, model, processor, examples)."""
     weights, options = RUNS[name]
-    cfg = load_config(FinetuneConfig, None, {"mode": "full", "model.device": device, "train.batch_size": str(args.batch),
+    cfg = load_config(FinetuneConfig, None, {"mode": "full", "model.path": "builtin:tiny-random", "model.device": device, "train.batch_size": str(args.batch),
                                              "train.mixed_precision": "bf16" if device == "cuda" else "no",
                                              "train.max_length": "2048", "dev.dataset": "none",
                                              **{f"train.{k}": v for k, v in options.items()}})
