@@ -119,8 +119,8 @@ def quantization_config(compute_dtype: torch.dtype, keep: tuple[str, ...] | None
 
 
 def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:
-    """Load model + processor; `quantization` (a BitsAndBytesConfig) replaces the paper's NF4 default
-    when cfg.load_in_4bit (export uses it to choose which components stay unquantized)."""
+    """Load model + processor; `quantization` (a transformers quantization config: export's formats)
+    replaces the paper's NF4 default of cfg.load_in_4bit."""
     device = resolve_device(cfg.device)
     check_options(cfg, device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -128,12 +128,14 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     kwargs: dict[str, Any] = {("dtype" if _TF_VERSION >= Version("4.56") else "torch_dtype"): dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.load_in_4bit:
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    elif cfg.load_in_4bit:
         compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        kwargs["quantization_config"] = quantization or quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
+        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
-    elif cfg.load_in_4bit:
+    elif "quantization_config" in kwargs:
         kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s%s)", path, dtype, device, ", 4-bit" if cfg.load_in_4bit else "")
     try:
