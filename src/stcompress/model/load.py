@@ -144,7 +144,7 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.path: cannot load {path!r} ({first}); check the hub id or directory") from None
-    if "device_map" not in kwargs:
+    if "device_map" not in kwargs and not getattr(model, "is_loaded_in_8bit", False):  # int8 refuses .to; loads on CPU
         model.to(device)
     model.eval()
     return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)

@@ -291,7 +291,8 @@ def quantized_reload_check(
     before = _translate(loaded, examples, cfg)
     # transformers 4.57's HQQ loader computes in float32 whatever dtype is asked: load it so.
     dtype = "float32" if cfg.quantize == "hqq" else cfg.dtype
-    reloaded = load_model(ModelConfig(path=str(directory), dtype=dtype, device=str(loaded.device)))
+    device_map = str(loaded.device) if cfg.quantize == "int8" else None  # int8 models refuse .to(device)
+    reloaded = load_model(ModelConfig(path=str(directory), dtype=dtype, device=str(loaded.device), device_map=device_map))
     after = _translate(reloaded, examples, cfg)
     del reloaded
     identical = sum((x.text, x.n_tokens) == (y.text, y.n_tokens) for x, y in zip(before, after))
