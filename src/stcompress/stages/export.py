@@ -329,7 +329,7 @@ def describe(loaded: LoadedModel, cfg: ExportConfig, quantized: bool, parameters
         info["weights"] = "; ".join(f"{c} {d}" for c, d in info["precision"]["stored_as"].items()) + (
             f"; all other tensors (norms, biases, convolutions) in {cfg.dtype}")
     elif quantized:
-        kept = [c for c, b in chosen.items() if b == quantize.KEEP]
+        kept = ["embed_tokens", *(c for c, b in chosen.items() if b == quantize.KEEP and c != "embed_tokens")]
         info["quantization"] = {
             "method": "bitsandbytes", "quant_type": "nf4", "double_quant": cfg.double_quant,
             "compute_dtype": cfg.dtype, "kept_in_dtype": kept,
