@@ -40,7 +40,7 @@ _ALIASES = {"decoder": "decoder_layers", "layers": "decoder_layers", "embed": "e
 # Bit widths each format stores (besides KEEP).
 FORMAT_BITS = {"none": (), "nf4": (4,), "int8": (8,), "hqq": (1, 2, 3, 4, 8)}
 _LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "hqq": "hqq"}
-_EXTRA = {"bitsandbytes": "stcompress[quant]", "hqq": "stcompress[hqq]"}
+_EXTRA = {"bitsandbytes": "stcompress[quant]", "hqq": "stcompress[quant]"}
 HQQ_GROUP_SIZES = (32, 64, 128, 256)
 
 
