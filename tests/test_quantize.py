@@ -15,6 +15,7 @@ from stcompress.errors import ConfigError, ModelError
 from stcompress.metrics.efficiency import component_bytes, safetensors_header, weight_bytes
 from stcompress.model import arch
 from stcompress.quantize import component_bits, parse_bits
+from stcompress.sizes import predict
 from stcompress.stages import export
 
 TF5 = Version(transformers.__version__) >= Version("5")
@@ -63,6 +64,7 @@ def test_int8_export_reloads_with_plain_from_pretrained(tmp_path, tiny_model_dir
     assert manifest["model"]["parameters"] == sum(p.numel() for p in full.parameters())  # true count, not int8 storage
     sizes = component_bytes(out)
     assert sum(sizes["components"].values()) == sizes["total"] == weight_bytes(out)
+    _predicted_exactly(out, "int8", "", "bfloat16")
     reloaded = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(out))
     assert type(arch.decoder_layers(reloaded)[0].mlp.up_proj).__name__ == "Linear8bitLt"
     card = (out / "README.md").read_text()
@@ -97,6 +99,16 @@ def test_hqq_mixed_bits_per_component(tmp_path, tiny_model_dir):
     assert nbits == {"decoder_layers": {3}, "lm_head": {8}, "audio_tower": {4}}
     assert type(arch.projector(reloaded).linear).__name__ == "Linear"
     assert sizes_shrink(out, tiny_model_dir)
+    _predicted_exactly(out, "hqq", bits, "bfloat16")
+
+
+def _predicted_exactly(out: Path, fmt: str, bits: str, dtype: str) -> None:
+    """stcompress.sizes predicts every component's tensor bytes exactly (headers are not predicted)."""
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    predicted = predict(config, fmt, component_bits(fmt, bits, ("lm_head",)), dtype)
+    measured = component_bytes(out)["components"]
+    assert {c: predicted[c] for c in arch.COMPONENTS} == {c: measured[c] for c in arch.COMPONENTS}
+    assert 0 < measured["overhead"] < 0.01 * predicted["total"]
 
 
 def sizes_shrink(out: Path, full: Path) -> bool:
