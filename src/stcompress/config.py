@@ -538,7 +538,9 @@ class ExportConfig:
     base_model: str | None = None  # LoRA / QLoRA: overrides the finetune manifest's base_model
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merge and save in this (never in 4-bit)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the merge and the reload check)
-    quantize: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit serialisation after the merge
+    quantize: Literal["none", "nf4", "int8", "hqq"] = "none"  # after the merge: nf4 / int8 bitsandbytes, hqq 1-8 bit (4.57)
+    bits: str = ""  # per component, e.g. decoder_layers=3,lm_head=8,audio_tower=4 (16 = kept in dtype; hqq default 4)
+    group_size: int = 64  # hqq: weights per scale/zero group
     # nf4: components left in `dtype`. embed_tokens always is (transformers' bitsandbytes path has no
     # 4-bit embedding); lm_head is kept by default, as transformers does.
     keep_unquantized: tuple[str, ...] = ("lm_head",)
@@ -561,6 +563,9 @@ class ExportConfig:
         if bad:
             hint = " (embed_tokens is never quantized)" if "embed_tokens" in bad else ""
             out.append(f"keep_unquantized: unknown component {bad[0]!r}{hint}; use any of {', '.join(QUANTIZABLE_COMPONENTS)}")
+        from stcompress.quantize import bits_problems
+
+        out += bits_problems(self.quantize, self.bits, tuple(self.keep_unquantized), self.group_size)
         if self.check_segments < 1:
             out.append("check_segments: must be at least 1 (every export is reload-checked)")
         if not 0 < self.check_min_agreement <= 1:

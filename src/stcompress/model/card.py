@@ -96,6 +96,20 @@ def _sizes(info: CardInfo) -> Iterator[str]:
         yield f"| {name} | {size:,} | {100 * size / total:.1f}% | {stored} |"
 
 
+def _precision(info: CardInfo) -> Iterator[str]:
+    """Bits per component (stcompress.quantize.describe_bits), when the export recorded them."""
+    precision = info.model.get("precision")
+    if not precision:
+        return
+    yield "## Bits per component"
+    yield ""
+    yield "| component | bits | stored as |"
+    yield "|---|---:|---|"
+    for name, bits in precision["bits"].items():
+        yield f"| {name} | {bits if bits != 16 else info.model.get('dtype', '16')} | {precision['stored_as'][name]} |"
+    yield ""
+
+
 def _chain(info: CardInfo) -> Iterator[str]:
     if info.base_model:
         yield f"1. original model: `{public(info.base_model)}`"
@@ -201,6 +215,7 @@ def render_card(info: CardInfo) -> str:
     if training:
         lines += ["## Training", ""] + training + [""]
     lines += ["## Size on disk per component", ""] + list(_sizes(info)) + [""]
+    lines += list(_precision(info))
     if info.scores:
         lines += ["## Scores", ""] + list(_scores(info)) + [""]
     lines += ["## Usage", ""] + _usage(info) + [""]

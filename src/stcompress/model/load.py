@@ -231,8 +231,8 @@ def quantization_config(compute_dtype: torch.dtype, keep: tuple[str, ...] | None
 
 
 def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:
-    """Load model + processor; `quantization` (a BitsAndBytesConfig) replaces the paper's NF4 default
-    when cfg.load_in_4bit (export uses it to choose which components stay unquantized)."""
+    """Load model + processor; `quantization` (a transformers quantization config: export's formats)
+    replaces the paper's NF4 default of cfg.load_in_4bit."""
     device = resolve_device(cfg.device)
     check_options(cfg, device)
     path = resolve_model_path(cfg.path)
@@ -240,12 +240,14 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     kwargs: dict[str, Any] = {("dtype" if _TF_VERSION >= Version("4.56") else "torch_dtype"): dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.load_in_4bit:
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    elif cfg.load_in_4bit:
         compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        kwargs["quantization_config"] = quantization or quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
+        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if device.type == "cuda" else compute)
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
-    elif cfg.load_in_4bit:
+    elif "quantization_config" in kwargs:
         kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s%s)", path, dtype, device, ", 4-bit" if cfg.load_in_4bit else "")
     try:
@@ -253,7 +255,7 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
         processor = transformers.AutoProcessor.from_pretrained(path)
     except _LOAD_ERRORS as exc:
         raise load_failure(path, exc) from None
-    if "device_map" not in kwargs:
+    if "device_map" not in kwargs and not getattr(model, "is_loaded_in_8bit", False):  # int8 refuses .to; loads on CPU
         model.to(device)
     model.eval()
     return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)

@@ -54,24 +54,23 @@ class TowerMemo:
         self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str | None]] = weakref.WeakKeyDictionary()
 
     def fingerprint(self, model: nn.Module, extractor: Any) -> str | None:
-        """SHA-256 of the tower's tensors and the extractor's settings; None for 4-bit towers."""
+        """SHA-256 of the tower's tensors and the extractor's settings; None for quantized towers."""
         tower = arch.audio_tower(model)
+        if any(type(m).__module__.startswith(("bitsandbytes", "hqq")) for m in tower.modules()):
+            return None  # quantized towers (their tensors may be inference tensors, without versions)
         tensors = list(tower.state_dict().items())
         # Tensor versions change on every in-place update (optimizer steps, merges): recompute then.
         versions = tuple((t.data_ptr(), t._version) for _, t in tensors) + (id(extractor),)
         cached = self._fingerprints.get(tower)
         if cached is not None and cached[0] == versions:
             return cached[1]
-        if any(type(m).__module__.startswith("bitsandbytes") for m in tower.modules()):
-            fp = None
-        else:
-            h = hashlib.sha256()
-            settings = {k: getattr(extractor, k, None) for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "n_samples")}
-            h.update(json.dumps([type(extractor).__name__, settings], sort_keys=True).encode())
-            for name, t in tensors:
-                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                h.update(_tensor_bytes(t))
-            fp = h.hexdigest()
+        h = hashlib.sha256()
+        settings = {k: getattr(extractor, k, None) for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "n_samples")}
+        h.update(json.dumps([type(extractor).__name__, settings], sort_keys=True).encode())
+        for name, t in tensors:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(_tensor_bytes(t))
+        fp = h.hexdigest()
         self._fingerprints[tower] = (versions, fp)
         return fp
 

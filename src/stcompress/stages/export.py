@@ -7,12 +7,12 @@ into a 4-bit model, which re-quantizes the merged weights (PAPER.md, "Known defe
 directory is the model (safetensors, config, generation config, processor) plus a model card
 (README.md) and manifest.json.
 
-`quantize: nf4` then stores the merged model with bitsandbytes 4-bit serialisation: it is saved in
-`dtype`, reloaded through from_pretrained with a quantization config, and saved again, so every
-tensor that is not 4-bit (embeddings, norms, biases, the kept components) stays in `dtype`; the
-reference code saved ~5 GB of them in fp32. Every export is reloaded from disk with plain
+`quantize: nf4 | int8 | hqq` (stcompress.quantize: formats, bits per component) then stores the
+merged model through the format's library: it is saved in `dtype`, reloaded through from_pretrained
+with a quantization config, and saved again, so every tensor that is not quantized (embeddings,
+norms, biases, the kept components) stays in `dtype`; the reference code saved ~5 GB of them in fp32. Every export is reloaded from disk with plain
 from_pretrained and must decode like the model in memory: identically in full precision, with
-greedy token agreement >= check_min_agreement in 4-bit (measured identical on CPU).
+greedy token agreement >= check_min_agreement when quantized (measured identical on CPU).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from stcompress.model import arch
 from stcompress.model.card import CardInfo, render_card
 from stcompress.model.load import LoadedModel, check_model_dir, load_model, quantization_config, resolve_model_path
 from stcompress.model.save import reload_check, save_model
+from stcompress import quantize
 from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.translate import Hypothesis, Translator
@@ -157,10 +158,8 @@ def _is_quantized(path: Path) -> bool:
 
 
 def check_bitsandbytes(cfg: ExportConfig) -> None:
-    if cfg.quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(
-            "quantize: nf4 needs bitsandbytes, which is not installed; pip install 'stcompress[quant]' (or quantize: none)"
-        )
+    """The format's library is installed and this transformers reloads it (stcompress.quantize)."""
+    quantize.check_library(cfg.quantize)
 
 
 def check_examples(cfg: ExportConfig) -> list[Example]:
@@ -288,10 +287,13 @@ def token_agreement(a: Sequence[Hypothesis], b: Sequence[Hypothesis], tokenizer:
 def quantized_reload_check(
     loaded: LoadedModel, directory: Path, examples: Sequence[Example], cfg: ExportConfig
 ) -> tuple[dict[str, Any], list[Hypothesis]]:
-    """Reload the 4-bit export with plain from_pretrained; its greedy output must agree with the
-    in-memory 4-bit model to check_min_agreement. Returns the check and the in-memory outputs."""
+    """Reload the quantized export with plain from_pretrained; its greedy output must agree with the
+    in-memory quantized model to check_min_agreement. Returns the check and the in-memory outputs."""
     before = _translate(loaded, examples, cfg)
-    reloaded = load_model(ModelConfig(path=str(directory), dtype=cfg.dtype, device=str(loaded.device)))
+    # transformers 4.57's HQQ loader computes in float32 whatever dtype is asked: load it so.
+    dtype = "float32" if cfg.quantize == "hqq" else cfg.dtype
+    device_map = str(loaded.device) if cfg.quantize == "int8" else None  # int8 models refuse .to(device)
+    reloaded = load_model(ModelConfig(path=str(directory), dtype=dtype, device=str(loaded.device), device_map=device_map))
     after = _translate(reloaded, examples, cfg)
     del reloaded
     identical = sum((x.text, x.n_tokens) == (y.text, y.n_tokens) for x, y in zip(before, after))
@@ -302,24 +304,33 @@ def quantized_reload_check(
     }
     if agreement < cfg.check_min_agreement:
         raise ModelError(
-            f"reload check: the 4-bit model saved in {directory} decodes differently from the model in memory "
+            f"reload check: the {cfg.quantize} model saved in {directory} decodes differently from the model in memory "
             f"(token agreement {agreement:.4f} < check_min_agreement {cfg.check_min_agreement}; {identical} of "
             f"{len(examples)} segments identical); report this with the manifest, or lower check_min_agreement"
         )
-    log.info("4-bit reload check passed: token agreement %.4f, %d/%d segments identical", agreement, identical, len(examples))
+    log.info(f"{cfg.quantize} reload check passed: token agreement %.4f, %d/%d segments identical", agreement, identical, len(examples))
     return result, before
 
 
-def describe(loaded: LoadedModel, cfg: ExportConfig, quantized: bool) -> dict[str, Any]:
+def describe(loaded: LoadedModel, cfg: ExportConfig, quantized: bool, parameters: int | None = None) -> dict[str, Any]:
+    """`parameters`: the true weight count, counted before quantization (HQQ packs its weights)."""
     info = {
         "decoder_layers": arch.num_decoder_layers(loaded.model),
-        "parameters": count_parameters(loaded.model),
+        "parameters": parameters if parameters is not None else count_parameters(loaded.model),
         "dtype": cfg.dtype,
         "quantization": None,
         "weights": f"{cfg.dtype} safetensors",
     }
-    if quantized:
-        kept = ["embed_tokens", *cfg.keep_unquantized]
+    chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+    info["precision"] = quantize.describe_bits(cfg.quantize, chosen, cfg.dtype, cfg.group_size)
+    if quantized and cfg.quantize != "nf4":
+        kept = [c for c, b in chosen.items() if b == quantize.KEEP]
+        info["quantization"] = {"method": quantize._LIBRARY[cfg.quantize], "format": cfg.quantize, "bits": chosen,
+                                "compute_dtype": cfg.dtype, "kept_in_dtype": kept}
+        info["weights"] = "; ".join(f"{c} {d}" for c, d in info["precision"]["stored_as"].items()) + (
+            f"; all other tensors (norms, biases, convolutions) in {cfg.dtype}")
+    elif quantized:
+        kept = ["embed_tokens", *(c for c, b in chosen.items() if b == quantize.KEEP and c != "embed_tokens")]
         info["quantization"] = {
             "method": "bitsandbytes", "quant_type": "nf4", "double_quant": cfg.double_quant,
             "compute_dtype": cfg.dtype, "kept_in_dtype": kept,
@@ -337,26 +348,49 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def library_config(loaded: LoadedModel, cfg: ExportConfig) -> Any:
+    """The format's transformers quantization config with the configured bits per component."""
+    chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+    q = quantize.library_config(cfg.quantize, chosen, loaded.model, _dtype(cfg.dtype), double_quant=cfg.double_quant,
+                                group_size=cfg.group_size)
+    if cfg.quantize == "nf4":  # the paper's config, kept components from the bits
+        nf4, nf4.llm_int8_skip_modules = nf4_config(cfg), q.llm_int8_skip_modules
+        return nf4
+    return q
+
+
 def export_nf4(
     loaded: LoadedModel, out: Path, examples: Sequence[Example], cfg: ExportConfig
 ) -> tuple[LoadedModel, dict[str, Any]]:
-    """Full precision -> temporary save -> from_pretrained with NF4 -> save to `out` -> check.
+    """Full precision -> temporary save -> from_pretrained with the format's config -> save to
+    `out` -> check (any quantize format, nf4 the first).
 
-    The 4-bit model is saved before it runs anything: on CPU bitsandbytes repacks the weights on
-    first use. Returns the in-memory 4-bit model and the check (with agreement to full precision).
+    The quantized model is saved before it runs anything: on CPU bitsandbytes repacks 4-bit weights
+    on first use. Returns the in-memory quantized model and the check (with agreement to full
+    precision).
     """
     reference = _translate(loaded, examples, cfg)
+    if cfg.quantize == "hqq":
+        chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+        quantize.hqq_quantize(loaded.model, chosen, cfg.group_size, _dtype(cfg.dtype))
+        save_model(loaded.model, loaded.processor, out)
+        return _checked(loaded, out, examples, cfg, reference)
+    q = library_config(loaded, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=".full-precision-", dir=out))  # inside the staging dir: a kill leaves nothing beside
     try:
         save_model(loaded.model, loaded.processor, tmp)
         device = str(loaded.device)
         loaded.model = None  # the caller's reference goes too: full precision and 4-bit never coexist
         _release_memory()
-        nf4 = ModelConfig(path=str(tmp), dtype=cfg.dtype, device=device, load_in_4bit=True)
-        quantized = load_model(nf4, quantization=nf4_config(cfg))
+        quantized = load_model(ModelConfig(path=str(tmp), dtype=cfg.dtype, device=device), quantization=q)
         save_model(quantized.model, quantized.processor, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _checked(quantized, out, examples, cfg, reference)
+
+
+def _checked(quantized: LoadedModel, out: Path, examples: Sequence[Example], cfg: ExportConfig,
+             reference: list[Hypothesis]) -> tuple[LoadedModel, dict[str, Any]]:
     check, in_memory = quantized_reload_check(quantized, out, examples, cfg)
     check["vs_full_precision"] = {
         "identical_segments": sum(a.text == b.text for a, b in zip(reference, in_memory)),
@@ -399,14 +433,14 @@ def _target_lang(source: Source, cfg: ExportConfig) -> str:
 
 
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
-                   check: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+                   check: dict[str, Any], timings: dict[str, float], parameters: int | None = None) -> dict[str, Any]:
     """Model card and manifest beside the weights; returns the model description."""
     scores = _scores(cfg)
     lang = _target_lang(source, cfg)
-    model = describe(loaded, cfg, quantized=cfg.quantize == "nf4")
+    model = describe(loaded, cfg, quantized=cfg.quantize != "none", parameters=parameters)
     sizes = component_bytes(out)
     prompt = (source.manifest or {}).get("prompt") or PromptBuilder(loaded.processor, cfg.prompt).render(lang)
-    tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize == "nf4",
+    tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize == "nf4", cfg.quantize: cfg.quantize in ("int8", "hqq"),
             "lora-merged": source.adapter is not None}
     card = CardInfo(
         name=Path(cfg.output).name, target_lang=lang, base_model=origin["original_model"], upstream=origin["upstream"],
@@ -445,7 +479,8 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     timings = {"load_and_merge": time.perf_counter() - t0}
     with staged_output(cfg.output) as out:
         t1 = time.perf_counter()
-        if cfg.quantize == "nf4":
+        parameters = count_parameters(loaded.model)
+        if cfg.quantize != "none":
             loaded, check = export_nf4(loaded, out, examples, cfg)
         else:
             save_model(loaded.model, loaded.processor, out)
@@ -453,7 +488,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
                                  generation=cfg.generation)
         timings["save_and_check"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
-        model = _write_records(out, cfg, source, origin, loaded, check, timings)
+        model = _write_records(out, cfg, source, origin, loaded, check, timings, parameters)
     log.info("exported %s (%s, %d decoder layers, %s) -> %s", source.kind, model["weights"], model["decoder_layers"],
              f"{weight_bytes(cfg.output) / 1e9:.3f} GB", cfg.output)
     return Path(cfg.output)
