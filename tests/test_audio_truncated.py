@@ -50,7 +50,7 @@ def test_truncated_item_fails_or_is_skipped(tmp_path):
     rows = [{"id": "g", "audio": good.name, "text_de": "x"}, {"id": "c", "audio": cut.name, "text_de": "y"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(dataset=str(tmp_path / "m.jsonl"))
-    with pytest.raises(DataError, match=r"item 'c': .*cut\.wav: the file is cut short.*on_error: skip"):
+    with pytest.raises(DataError, match=r"item 'c': .*cut\.wav: the file is cut short.*--on-error skip"):
         load_examples(cfg)
     result = load_examples(cfg, on_error="skip")
     assert [e.id for e in result.examples] == ["g"] and "cut short" in result.skipped[0].reason

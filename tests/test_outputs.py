@@ -367,3 +367,25 @@ def test_a_killed_nf4_exports_full_precision_copy_is_inside_its_staging_dir(tmp_
     with claim(tmp_path / "export"):  # the next command on that output
         pass
     assert _hidden_leftovers(tmp_path) == []
+
+
+def test_evaluate_without_a_reference_column_fails_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Issue 9 item 3: a manifest without text_zh is refused before anything is translated."""
+    from stcompress.data.sources import builtin_manifest_path
+    from stcompress.stages import translate
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing reference column was noticed")
+
+    monkeypatch.setattr(translate, "load_model", reached)
+    manifest = builtin_manifest_path("builtin")
+    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    local = tmp_path / "data.jsonl"  # the built-in rows without any text_zh, audio paths made absolute
+    local.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "text_zh"},
+                                         "audio": str(manifest.parent / r["audio"])}) + "\n" for r in rows[:2]))
+    code = cli.main(["evaluate", "--model.path", str(tiny_model_dir), "--data.dataset", str(local),
+                     "--data.target-lang", "zh", "--output", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "text_zh" in err and "data.reference_column" in err, err
+    assert not (tmp_path / "eval").exists()

@@ -96,7 +96,7 @@ def run(cfg: EvaluateConfig, *, progress: bool = True) -> Path:
         tcfg = TranslateConfig(
             output=cfg.output, on_error=cfg.on_error, model=cfg.model, data=cfg.data, prompt=cfg.prompt, generation=cfg.generation
         )
-        translation = translate_dataset(tcfg, progress=progress)
+        translation = translate_dataset(tcfg, progress=progress, require_references=True)
         rows, source_manifest, inputs = translation.rows, None, translation.inputs
     if not rows:
         raise DataError("hypotheses: nothing to evaluate (0 segments); check the data selection")

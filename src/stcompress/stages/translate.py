@@ -75,10 +75,11 @@ def skipped_rows(data: LoadResult) -> list[dict[str, str]]:
     return [{"id": s.id, "reason": s.reason} for s in data.skipped]
 
 
-def translate_dataset(cfg: TranslateConfig, *, progress: bool = True) -> Translation:
+def translate_dataset(cfg: TranslateConfig, *, progress: bool = True, require_references: bool = False) -> Translation:
+    """`require_references` (evaluate): a missing reference column fails here, before the model loads."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data = load_examples(cfg.data, on_error=cfg.on_error)
+    data = load_examples(cfg.data, on_error=cfg.on_error, require_references=require_references)
     timings["load_data"] = time.perf_counter() - t0
     if not data.examples:
         raise DataError(f"data.dataset: {cfg.data.dataset} has no examples left to translate; check the split, subset and limit")
