@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -151,14 +151,14 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
     return vocab, [(text(left), text(right)) for *_, left, right in merges]
 
 
-def bpe_steps(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
-    """Every token tiktoken's merging creates while encoding `piece` (a pre-tokenized word), in order:
-    repeatedly merge the adjacent pair whose concatenation has the lowest rank."""
-    parts, made = [bytes([b]) for b in piece], []
+def merge_steps(parts: list, rank_of: Callable[[Any, Any], int | None]) -> list:
+    """Greedy BPE: repeatedly merge the adjacent pair of lowest `rank_of(left, right)` (None: no
+    merge); the tokens made on the way, in order. `parts` is consumed."""
+    made = []
     while len(parts) > 1:
         best, where = None, -1
         for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
+            rank = rank_of(parts[i], parts[i + 1])
             if rank is not None and (best is None or rank < best):
                 best, where = rank, i
         if best is None:
@@ -166,6 +166,12 @@ def bpe_steps(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
         parts[where : where + 2] = [parts[where] + parts[where + 1]]
         made.append(parts[where])
     return made
+
+
+def bpe_steps(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Every token tiktoken's merging creates while encoding `piece` (a pre-tokenized word), in order:
+    repeatedly merge the adjacent pair whose concatenation has the lowest rank."""
+    return merge_steps([bytes([b]) for b in piece], lambda a, b: ranks.get(a + b))
 
 
 def trim_ranks(ranks: dict[bytes, int], tokens: set[bytes]) -> dict[bytes, int]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from stcompress.testbed.parts import _sha256
 
 CHUNK_MIB = 50
 
@@ -49,12 +50,6 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split(path: Path, mib: int = CHUNK_MIB) -> list[Path]:

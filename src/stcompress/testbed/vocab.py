@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from stcompress.model.tokenizer import merge_steps
+
 RENAME = {
     "<start_of_turn>": "<|im_start|>",
     "<end_of_turn>": "<|im_end|>",
@@ -43,17 +45,7 @@ def bpe_steps(word: str, ranks: dict[tuple[str, str], int], vocab: dict[str, int
     """Every token the BPE creates while encoding `word` (characters merged by lowest rank first)."""
     parts = list(word)
     made = [p for p in parts if p in vocab]
-    while len(parts) > 1:
-        best, where = None, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get((parts[i], parts[i + 1]))
-            if rank is not None and (best is None or rank < best):
-                best, where = rank, i
-        if best is None:
-            break
-        parts[where : where + 2] = [parts[where] + parts[where + 1]]
-        made.append(parts[where])
-    return made
+    return made + merge_steps(parts, lambda a, b: ranks.get((a, b)))
 
 
 def closure(words: Iterable[str], merges: list[tuple[str, str]], vocab: dict[str, int]) -> set[str]:
