@@ -45,7 +45,7 @@ def test_two_sharded_processes_resume_after_a_kill_and_equal_one_process(tmp_pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    common = ["mode=full", f"data.dataset={data}", "train.epochs=2", "train.lr=1e-3", "train.scheduler=cosine",
+    common = ["mode=full", "model.path=builtin:tiny-random", f"data.dataset={data}", "train.epochs=2", "train.lr=1e-3", "train.scheduler=cosine",
               "train.log_every=1", "train.save_every=1", "train.check_segments=1", "model.device=cpu"]
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train.batch_size=1", "train.fsdp=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,7 +75,7 @@ def test_two_sharded_processes_resume_after_a_kill_and_equal_one_process(tmp_pat
 
 def test_what_fsdp_does_not_do_is_refused_before_loading(tmp_path, monkeypatch):
     def cfg(**over):
-        base = {"output": str(tmp_path / "o"), "data.dataset": str(tmp_path / "missing.jsonl"), "train.fsdp": "true"}
+        base = {"output": str(tmp_path / "o"), "model.path": "builtin:tiny-random", "data.dataset": str(tmp_path / "missing.jsonl"), "train.fsdp": "true"}
         return load_config(FinetuneConfig, None, {**base, **over})
 
     with pytest.raises(ConfigError, match="mode: lora under FSDP is not supported; launch without the FSDP config"):

@@ -184,7 +184,7 @@ def test_seven_b_estimates_and_the_one_80gb_preset():
 def test_finetune_dry_run_prints_the_estimate_and_trains_nothing(tmp_path, tiny_model_dir):
     out = tmp_path / "ft"
     done = subprocess.run([sys.executable, "-m", "stcompress", "finetune", "--dry-run", f"--model.path={tiny_model_dir}",
-                           f"--output={out}", "--data.dataset=unused.jsonl", "--train.optimizer=adamw_8bit",
+                           f"--output={out}", "--data.dataset=builtin", "--train.optimizer=adamw_8bit",
                            "--train.master_weights=bf16", "--train.gradient_checkpointing=true"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -223,7 +223,7 @@ def test_optimizer_and_weight_options_are_checked(monkeypatch):
     assert any(p.startswith("train.loss_chunk: -1 is negative") for p in problems)
     from stcompress.stages.finetune import load_student_dtype
 
-    assert load_student_dtype(load_config(FinetuneConfig, None, {"train.master_weights": "bf16"})) == "bfloat16"
+    assert load_student_dtype(load_config(FinetuneConfig, None, {"model.path": "builtin:tiny-random", "train.master_weights": "bf16"})) == "bfloat16"
     assert load_student_dtype(FinetuneConfig()) == "float32"
 
 
