@@ -37,7 +37,6 @@ def _losses(out: Path) -> list[float]:
     return [r["ce"] for r in rows if r["kind"] == "train"]
 
 
-@pytest.mark.slow
 def test_two_sharded_processes_resume_after_a_kill_and_equal_one_process(tmp_path, make_wav):
     rows = [{"id": f"u{i}", "audio": make_wav(f"c{i}.wav", seconds=1.0 + 0.4 * i, seed=i).name, "text_de": t}
             for i, t in enumerate(TARGETS)]
