@@ -326,7 +326,7 @@ def test_lock_is_released_after_a_failure(tmp_path):
 
 @pytest.mark.parametrize("command", ["translate", "evaluate", "importance", "prune", "distill", "finetune", "export",
                                      "report"])
-def test_every_stage_refuses_a_foreign_output_before_any_work(tmp_path, command, capsys, monkeypatch):
+def test_every_stage_refuses_a_foreign_output_before_any_work(tmp_path, tiny_model_dir, command, capsys, monkeypatch):
     """One mechanism for every stage: the check runs first, whatever else the command lacks."""
     import importlib
 
@@ -337,7 +337,9 @@ def test_every_stage_refuses_a_foreign_output_before_any_work(tmp_path, command,
     userdir = tmp_path / "userdir"
     userdir.mkdir()
     (userdir / "precious.txt").write_text("x")
-    extra = {"report": ["--run-dir", str(tmp_path)], "export": ["--input", str(tmp_path / "missing")]}.get(command, [])
+    model = ["--model.path", "builtin:tiny-random"]  # every other option valid: the output is the one problem
+    extra = {"report": ["--run-dir", str(tmp_path)], "export": ["--input", str(tiny_model_dir)],
+             "prune": [*model, "--layers", "1"]}.get(command, model)
     assert cli.main([command, "--output", str(userdir), *extra, "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"stcompress {command}: error: output: {userdir} holds files stcompress did not write (precious.txt); "
@@ -364,7 +366,8 @@ def test_a_killed_nf4_exports_full_precision_copy_is_inside_its_staging_dir(tmp_
     cfg = ExportConfig(output=str(tmp_path / "export"), input=str(tiny_model_dir), dtype="float32", device="cpu",
                        quantize="nf4", check_segments=1, check_max_new_tokens=4, data=DataConfig(limit=1))
     with monkeypatch.context() as m:
-        m.setattr(export, "load_model", lambda mc, **k: killed() if mc.load_in_4bit else load.load_model(mc, **k))
+        m.setattr(export, "load_model", lambda mc, **k: killed() if mc.load_in_4bit or k.get("quantization") is not None
+                  else load.load_model(mc, **k))  # the quantized load
         m.setattr(shutil, "rmtree", lambda *a, **k: None)
         with pytest.raises(Killed):
             export.run(cfg, progress=False)
