@@ -187,7 +187,8 @@ def resolve_dtype(name: str, device: torch.device, *, path: str | None = None) -
 
     A 4-bit checkpoint (an NF4 export) loads in the dtype it was saved in under "auto": its
     non-quantized tensors and compute dtype were chosen together, and bitsandbytes models cannot
-    be cast afterwards (fp32 on CPU left bf16 activations meeting fp32 conv biases).
+    be cast afterwards (fp32 on CPU left bf16 activations meeting fp32 conv biases), so another
+    explicit dtype is refused for them; HQQ checkpoints load in any dtype (4.57's loader computes in fp32).
     """
     quant, saved = saved_quantization(path) if path else (None, None)
     if name == "checkpoint":
@@ -196,7 +197,7 @@ def resolve_dtype(name: str, device: torch.device, *, path: str | None = None) -
         if quant is not None:
             return "auto"
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quant is not None and saved in _DTYPES and name != saved:
+    if quant is not None and quant.get("quant_method") == "bitsandbytes" and saved in _DTYPES and name != saved:
         raise ModelError(
             f"model.dtype: {path} is a {quant.get('quant_method', 'quantized')} checkpoint saved in {saved}; "
             f"it cannot be loaded in {name}: leave model.dtype at auto (or pass --model.dtype {saved})"
