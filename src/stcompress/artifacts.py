@@ -128,6 +128,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file, read in 4 MiB blocks (checksums that must see every bit)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_hash(path: Path) -> dict[str, Any]:
     """sha256 of a file; files over 64 MiB hash their size plus first and last 8 MiB."""
     path = Path(path)

