@@ -434,3 +434,24 @@ def test_cli_help_and_end_to_end_from_a_pruned_model(tmp_path, manifest, tiny_mo
     assert m["original_model"] == "Qwen/Qwen2-Audio-7B-Instruct" and m["upstream"][-1]["stage"] == "prune"
     assert m["training"]["steps"] == 1 and m["config"]["lora"]["r"] == 4
     assert (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_freeze_language_model_trains_the_projector_alone(tmp_path, manifest, tiny_model_dir):
+    """The alignment warm-up: after training, the saved LM and tower are bit-identical to the base."""
+    over = {"mode": "full", "train.freeze_audio_tower": "true", "train.freeze_language_model": "true",
+            "train.epochs": "2", "train.lr": "1e-2", "train.check_segments": "1", "dev.dataset": "none"}
+    cfg = _cfg(tmp_path / "proj", manifest, **over, **{"model.path": str(tiny_model_dir)})
+    out = finetune.run(cfg, progress=False)
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    base, trained = weights(cfg.model.path), weights(out / "model")
+    assert base.keys() == trained.keys()
+    changed = {k for k in base if not torch.equal(base[k].float(), trained[k].float())}
+    assert changed and all(arch.component_of(k) == "projector" for k in changed), sorted(changed)[:5]
+    m = read_manifest(out)
+    assert m["training"]["trainable_parameters"] == sum(p.numel() for k, p in base.items() if "multi_modal_projector" in k)
+    problems = FinetuneConfig(mode="lora", train=dataclasses.replace(FinetuneConfig().train, freeze_language_model=True)).problems()
+    assert any("train.freeze_language_model: is for mode full" in p for p in problems)

@@ -622,6 +622,9 @@ class TrainConfig:
     # model cannot hear), or "truncate" (train on the first 30 s, as inference would).
     long_audio: Literal["skip", "truncate"] = "skip"
     freeze_audio_tower: bool = False  # full: no updates to the audio encoder; lora: no adapters there
+    # full: the language model (embeddings, decoder layers, LM head) stays as loaded; only the
+    # projector (and the audio tower unless frozen) trains: the alignment warm-up of a new projector.
+    freeze_language_model: bool = False
     # With freeze_audio_tower: run the audio tower once per clip, before training, and keep its output
     # in memory (~1.9 MB per 30 s clip for the 7B in bf16) instead of recomputing it every epoch.
     cache_audio: bool = False
@@ -723,6 +726,9 @@ class FinetuneConfig:
             out.append(f"train.master_weights: bf16 is for mode full; mode {self.mode} sets the base dtype with model.dtype")
         if t.master_weights == "bf16" and self.model.dtype not in ("auto", "bfloat16"):
             out.append(f"train.master_weights: bf16 contradicts model.dtype {self.model.dtype}; set model.dtype: auto")
+        if t.freeze_language_model and self.mode != "full":
+            out.append(f"train.freeze_language_model: is for mode full (mode {self.mode} trains adapters); "
+                       "use mode: full to train the projector alone")
         if t.cache_audio and not t.freeze_audio_tower:
             out.append("train.cache_audio: needs train.freeze_audio_tower: true (a tower that trains changes its output)")
         if t.cache_audio and kd.ratio > 0:

@@ -180,6 +180,7 @@ def prepare_student(cfg: FinetuneConfig, loaded: LoadedModel) -> tuple[torch.nn.
     t = cfg.train
     if cfg.mode == "full":
         return setup_full(loaded.model, freeze_audio_tower=t.freeze_audio_tower,
+                          freeze_language_model=t.freeze_language_model,
                           gradient_checkpointing=t.gradient_checkpointing), None
     model, info = apply_lora(loaded.model, cfg.lora, quantized=cfg.mode == "qlora",
                              audio_tower=cfg.lora.audio_tower and not t.freeze_audio_tower,

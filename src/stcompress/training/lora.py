@@ -98,12 +98,15 @@ def apply_lora(model: nn.Module, opts: LoraOptions, *, quantized: bool, audio_to
     return peft.get_peft_model(model, config), info
 
 
-def setup_full(model: nn.Module, *, freeze_audio_tower: bool, gradient_checkpointing: bool) -> nn.Module:
-    """Every weight trains, except the audio tower's when frozen."""
+def setup_full(model: nn.Module, *, freeze_audio_tower: bool, gradient_checkpointing: bool,
+               freeze_language_model: bool = False) -> nn.Module:
+    """Every weight trains, except the audio tower's and the language model's when frozen."""
     for p in model.parameters():
         p.requires_grad_(True)
-    if freeze_audio_tower:
-        for p in arch.audio_tower(model).parameters():
+    frozen = ([arch.audio_tower(model)] if freeze_audio_tower else []) + \
+        ([arch.text_model(model), arch.lm_head(model)] if freeze_language_model else [])
+    for part in frozen:
+        for p in part.parameters():
             p.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
