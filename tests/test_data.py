@@ -404,3 +404,22 @@ def test_builtin_files_are_16k_mono_flac():
     for r in rows:
         info = sf.info(str(folder / r["audio"]))
         assert (info.samplerate, info.channels, info.format) == (SAMPLE_RATE, 1, "FLAC")
+
+
+def test_many_clips_decode_in_parallel_in_dataset_order_with_errors_in_order(tmp_path, monkeypatch):
+    """Large datasets decode on threads: same examples, same order, the first bad item named."""
+    from stcompress.data import sources
+
+    monkeypatch.setattr(sources.os, "cpu_count", lambda: 4)
+    rows = clips(tmp_path, 64, seconds=0.1)
+    (tmp_path / "c20.wav").write_bytes(b"not audio")
+    (tmp_path / "c41.wav").write_bytes(b"not audio either")
+    manifest = write_manifest(tmp_path / "m.jsonl", rows)
+    assert sources._decode_workers(64) == 4
+    result = load_examples(DataConfig(dataset=str(manifest), id_column="id"), on_error="skip")
+    assert [e.id for e in result.examples] == [f"utt-{i}" for i in range(64) if i not in (20, 41)]
+    assert [s.id for s in result.skipped] == ["utt-20", "utt-41"]
+    for e in result.examples[::9]:
+        assert abs(peak_hz(e.audio) - (200 + 50 * int(e.id[4:]))) < 15
+    with pytest.raises(DataError, match="item 'utt-20'"):
+        load_examples(DataConfig(dataset=str(manifest), id_column="id"))
