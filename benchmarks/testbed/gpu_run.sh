@@ -27,6 +27,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src:$TB/site"
 export SACREBLEU="$TB/sacrebleu" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# every clip's tower output stays in memory for the whole run (~1.5 GB for 8k short clips)
+export STCOMPRESS_TOWER_MEMO_MB=${STCOMPRESS_TOWER_MEMO_MB:-24000}
 
 # 2. stage whatever this call carried (the repo copy may be fresh next call; /tmp/tb is not)
 if [ -d runs/carry ]; then
@@ -61,6 +63,15 @@ python3 -c "import gguf, soundfile" 2>/dev/null || missing="$missing wheels(.whl
 for L in $LANGS; do [ -f "runs/testbed-data/$L/checks.json" ] || missing="$missing data-$L"; done
 if [ -n "$missing" ]; then echo "waiting for:$missing"; exit 0; fi
 
+# 5a. the sanity bar (once per language): the base LM translating the transcripts, 5-shot
+for L in $LANGS; do
+  if [ ! -f "$TB/runs/text-bar-$L.json" ]; then
+    python3 benchmarks/testbed/text_bar.py --model runs/testbed/base --data "runs/testbed-data/$L" --shots 5 \
+      --batch-size 150 --out "$TB/runs/text-bar-$L.json" 2>&1 | tail -n 1
+  fi
+  cp -f "$TB/runs/text-bar-$L.json" "$OUT/" 2>/dev/null
+done
+
 # 5. the recipes, resumable: finished stages are skipped; a stage cut by the budget restarts next call
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 for L in $LANGS; do
@@ -84,8 +95,8 @@ for L in $LANGS; do
       -o -name '*.html' -o -name '*.png' -o -name '*.svg' -o -name '*.yaml' \) -size -4M \
       -not -path './*/model/*' -not -path '*checkpoints*' -print0 | tar --null -czf "$OUT/testbed-$L-results.tar.gz" -T - )
   cp -f "$TB/runs/testbed-$L.log" "$OUT/testbed-$L.log" 2>/dev/null
-  if [ -d "$d/teacher/model" ]; then
-    python3 - "$d/teacher/model" "$OUT/testbed-$L-projector.safetensors" <<'EOF'
+  if [ -d "$d/align/model" ]; then
+    python3 - "$d/align/model" "$OUT/testbed-$L-projector.safetensors" <<'EOF'
 import sys
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -99,11 +110,27 @@ save_file(tensors, out)
 print("projector:", {k: tuple(v.shape) for k, v in tensors.items()})
 EOF
   fi
-  adapters=$(cd "$d" && find . -maxdepth 2 -type d -name adapter 2>/dev/null)
-  if [ -n "$adapters" ]; then
-    (cd "$d" && tar -czf "$OUT/testbed-$L-adapters.tar.gz" $adapters)
-    [ "$(stat -c %s "$OUT/testbed-$L-adapters.tar.gz")" -le 16000000 ] || { echo "adapters $L too large for one file; left on the machine"; rm -f "$OUT/testbed-$L-adapters.tar.gz"; }
-  fi
+  # LoRA adapters of the teacher and the healed models, cast to fp16 (what the repo keeps)
+  python3 - "$d" "$OUT/testbed-$L-adapters.tar" <<'EOF'
+import io, json, sys, tarfile
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+with tarfile.open(out, "w") as tar:
+    for name in ("teacher", "heal25", "heal50", "mid25-heal", "mid50-heal", "nokd50", "lora50"):
+        a = run / name / "adapter"
+        if not (a / "adapter_model.safetensors").is_file():
+            continue
+        w = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(a / "adapter_model.safetensors")).items()}
+        files = (("adapter_model.safetensors", save(w)), ("adapter_config.json", (a / "adapter_config.json").read_bytes()))
+        if tar.fileobj.tell() + sum(len(d) + 1024 for _, d in files) > 16_000_000:
+            print("adapters: no room left under 16 MB for", name); continue
+        for fname, data in files:
+            info = tarfile.TarInfo(f"{name}/adapter/{fname}"); info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+print("adapters:", out.stat().st_size, "bytes")
+EOF
 done
 ls -la "$OUT"
 echo "elapsed $(( $(date +%s) - START ))s"
