@@ -7,8 +7,8 @@
 #
 # What to carry (ignored paths; one or more per call, any order; see benchmarks/testbed/README.md):
 #   .whl                                         gguf, soundfile, cffi, pycparser, bitsandbytes wheels
-#   runs/carry/testbed-base.gguf.part00 .. 02    the pack in 50 MiB chunks (+ testbed-base.gguf.sha256)
-#   runs/carry/testbed-data-de.tar               speech + manifests, English -> German
+#   runs/carry/testbed-base.gguf.partNN          the pack in chunks (split-pack; + testbed-base.gguf.sha256)
+#   runs/carry/testbed-data-de.tar[.partNN]      speech + manifests, English -> German (whole, or split-pack chunks + .sha256)
 #   runs/carry/testbed-data-zh.tar               speech + manifests, English -> Chinese
 # Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh").
 set -uo pipefail
@@ -48,6 +48,9 @@ fi
 
 # 4. the data: unpack each language's tar (once)
 for L in $LANGS; do
+  if [ -f "$TB/carry/testbed-data-$L.tar.sha256" ] && [ ! -f "$TB/carry/testbed-data-$L.tar" ]; then
+    python3 -m stcompress.testbed join-pack "$TB/carry/testbed-data-$L.tar" || echo "data $L: not all chunks yet"
+  fi
   if [ ! -f "$TB/data/$L/checks.json" ] && [ -f "$TB/carry/testbed-data-$L.tar" ]; then
     mkdir -p "$TB/data" && tar -xf "$TB/carry/testbed-data-$L.tar" -C "$TB/data" && echo "data $L unpacked"
   fi
