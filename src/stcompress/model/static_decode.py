@@ -56,7 +56,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of layer `index` in a transformers cache (5.x and 4.5x), or in a list of pairs."""
+    if isinstance(cache, (list, tuple)):
+        return cache[index]
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return layers[index].keys, layers[index].values
@@ -64,13 +67,16 @@ def _kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class StaticGreedy:
-    """Continue greedy decoding from a transformers prefill (its cache, mask and first token)."""
+    """Continue greedy decoding from a transformers prefill (its cache, mask and first token).
+
+    `layers`: the decoder layers to run (default: the model's); `past` then holds their KV in order.
+    """
 
     def __init__(self, model: nn.Module, past: object, mask: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 eos: set[int], pad: int, *, cuda_graph: bool | None = None):
+                 eos: set[int], pad: int, *, cuda_graph: bool | None = None, layers: list[nn.Module] | None = None):
         self.model = model
         self.decoder = arch.text_model(model)
-        self.layers = list(arch.decoder_layers(model))
+        self.layers = list(arch.decoder_layers(model)) if layers is None else list(layers)
         self.head = arch.lm_head(model)
         attn = self.layers[0].self_attn
         config = arch.text_config(model)
@@ -84,7 +90,7 @@ class StaticGreedy:
         length = prompt + max_new
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
-            k, v = _kv(past, i)
+            k, v = layer_kv(past, i)
             big_k = k.new_zeros(batch, self.kv_heads, length, self.head_dim)
             big_v = v.new_zeros(batch, self.kv_heads, length, self.head_dim)
             big_k[:, :, :prompt] = k
