@@ -1,0 +1,310 @@
+"""Inference speed before / after, side by side in one run (issue 15): importance search with and
+without prefill reuse, the audio tower per clip vs batched, decode steps vs the weight-read bound,
+evaluate's segments/s at 32 / 24 / 16 layers, and a torch profiler summary.
+
+The real Qwen2-Audio-7B architecture with random bf16 weights (`qwen2audio_7b.py`), 100 clips of
+8 s, exactly 48 new tokens per segment (an end-of-turn id no model emits). Under 8 minutes on one
+H200; `--quick` is the same code on a tiny config on the CPU, in well under a minute.
+
+    PYTHONPATH=src python benchmarks/inference_speed.py --out /tmp/inference_speed           # one H200
+    PYTHONPATH=src python benchmarks/inference_speed.py --quick --out /tmp/inference_speed   # CPU dry run
+
+Importance search: "after" (prefill reuse, the product default) runs the full protocol (8 rounds,
+212 candidates + the baseline); "before" (the plain path, `reuse_prefill=False`) runs its first
+`--before-rounds` rounds (all with `--before-rounds 8`, ~4 more minutes), every record of which
+must equal the "after" run's (scores and hypotheses' sha256); its full time is extrapolated from
+its per-evaluation time. Writes `inference_speed.json`, `profile_search.txt`, `profile_evaluate.txt`
+and `profile.json` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from importance_speed import NEVER, bandwidth, decode_speed, sync  # noqa: E402
+from qwen2audio_7b import build, clips, decoder_bytes  # noqa: E402
+
+from stcompress.config import GenerationConfig  # noqa: E402
+from stcompress.data.example import Example  # noqa: E402
+from stcompress.importance.evaluator import GenerationEvaluator  # noqa: E402
+from stcompress.importance.search import GreedySearch, SearchSettings, candidate_layers  # noqa: E402
+from stcompress.model import arch, tower_memo  # noqa: E402
+from stcompress.model.layers import decoder_view  # noqa: E402
+from stcompress.translate import Translator  # noqa: E402
+
+log = logging.getLogger("inference_speed")
+
+
+def spaced(total: int, n: int) -> list[int]:
+    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+
+
+def kv_bytes(model, n_layers: int, batch: int, length: int) -> int:
+    config = arch.text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * n_layers * batch * length * config.num_key_value_heads * head_dim * arch.lm_head(model).weight.element_size()
+
+
+# -- importance search ------------------------------------------------------------------------
+
+def search(model, processor, examples, rounds, n_new, batch, device, reuse: bool) -> dict:
+    tower_memo.MEMO.clear()  # each side encodes its own audio
+    translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=batch), progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    evaluator = GenerationEvaluator(translator, examples, ["chrf++"], reuse_prefill=reuse)
+    n_layers = arch.num_decoder_layers(model)
+    settings = SearchSettings(candidates=candidate_layers(n_layers, None), n_layers=n_layers, metric="chrf++",
+                              total_segments=len(examples), rounds=rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = GreedySearch(settings, evaluator, Path(tmp))
+        result = s.run()
+        records = s.state.all_records()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    store = evaluator.prefills
+    return {
+        "reuse_prefill": reuse, "rounds": rounds, "seconds": seconds, "evaluations": len(records),
+        "removal_order": result.removal_order,
+        "eval_seconds_by_round": {str(r): sum(x.seconds for x in records if x.round == r) for r in range(rounds + 1)},
+        "prefill_store": None if store is None else {"hits": store.hits, "misses": store.misses, "refused": store.refused},
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "_records": [(r.round, r.layer, r.scores, r.hypotheses_sha256) for r in records],
+    }
+
+
+def protocol_bound(model, n_layers, rounds, n_segments, prompt, n_new, bw) -> dict:
+    """Bytes every decode step must read (weights + the KV cache so far), over the protocol."""
+    n_cand = len(candidate_layers(n_layers, None))
+    evals = [(n_layers, 1)] + [(n_layers - r, n_cand - r + 1) for r in range(1, rounds + 1)]
+    weights = sum(count * n_new * decoder_bytes(model, layers) for layers, count in evals)
+    kv = sum(count * sum(kv_bytes(model, layers, n_segments, prompt + step) for step in range(n_new))
+             for layers, count in evals)
+    return {"weight_read_seconds": weights / bw, "kv_read_seconds": kv / bw, "decode_bound_seconds": (weights + kv) / bw}
+
+
+# -- audio tower ------------------------------------------------------------------------------
+
+def tower_flops(model, n_clips: int, frames: int) -> float:
+    """Matmul FLOPs of the encoder layers on `frames` mel frames per clip (conv stride 2)."""
+    cfg = model.config.audio_config
+    t, d, f = frames // 2, cfg.d_model, cfg.encoder_ffn_dim
+    per_layer = 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
+    return float(n_clips * cfg.encoder_layers * per_layer)
+
+
+@torch.no_grad()
+def tower(model, processor, audios, device, batch: int) -> dict:
+    extractor = processor.feature_extractor
+    out: dict = {"clips": len(audios), "batch": batch}
+    t0 = time.perf_counter()
+    feats = extractor(list(audios), sampling_rate=16000, padding="max_length", truncation=True,
+                      return_attention_mask=True, return_tensors="pt")
+    out["feature_extraction_seconds"] = time.perf_counter() - t0
+    frames = int(feats["attention_mask"][0].sum())
+    flops = tower_flops(model, len(audios), frames)
+    out["matmul_tflop"] = flops / 1e12
+
+    def per_clip():
+        return tower_memo.tower_outputs(model, extractor, audios, remember=False)
+
+    def batched():
+        states = []
+        for s in range(0, len(audios), batch):
+            x, lengths = arch.tower_states(model, feats["input_features"][s:s + batch], feats["attention_mask"][s:s + batch])
+            states.extend(x[i, : int(n)] for i, n in enumerate(lengths))
+        return states
+
+    for name, fn in (("per_clip", per_clip), ("batched", batched)):
+        fn()  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        out[f"{name}_seconds"] = time.perf_counter() - t0
+        out[name] = result
+    diff = max(float((a.float().cpu() - b.float().cpu()).abs().max()) for a, b in zip(out.pop("per_clip"), out.pop("batched")))
+    out["max_abs_difference_batched_vs_per_clip"] = diff
+    # per_clip includes its own feature extraction; the batched figure is tower only
+    out["batched_tflop_per_s"] = flops / out["batched_seconds"] / 1e12
+    return out
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+
+def evaluate_speed(model, processor, examples, layer_counts, batch, n_new, device) -> list[dict]:
+    rows = []
+    total = arch.num_decoder_layers(model)
+    for n in layer_counts:
+        keep = spaced(total, n)
+        translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=batch),
+                                progress=False, remember_audio=False)  # as `stcompress evaluate` times it
+        times = []
+        with decoder_view(model, keep):
+            for _ in range(2):
+                sync(device)
+                t0 = time.perf_counter()
+                hyps = translator.translate(examples)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        rows.append({"decoder_layers": len(keep), "batch": batch, "first_call_seconds": times[0], "seconds": times[1],
+                     "segments_per_s": len(examples) / times[1], "tokens": sum(h.n_tokens for h in hyps)})
+    base = rows[0]["segments_per_s"]
+    for r in rows:
+        r["speedup_vs_first"] = r["segments_per_s"] / base
+    return rows
+
+
+# -- profiler ---------------------------------------------------------------------------------
+
+def profiled(fn, device: str, path: Path, rows: int = 30) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    averages = prof.key_averages()
+    path.write_text(averages.table(sort_by=key, row_limit=rows) + "\n")
+    top = sorted(averages, key=lambda e: getattr(e, key.replace("_total", "_total"), 0), reverse=True)[:rows]
+    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_device_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3} for e in top]
+
+
+def graph_capture_ms(model, processor, examples, n_new, device, repeat=3) -> float | None:
+    """Wall time of one StaticGreedy construction + CUDA-graph capture (paid once per evaluated variant)."""
+    if not device.startswith("cuda"):
+        return None
+    from stcompress.model import static_decode
+
+    translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=len(examples)),
+                            progress=False)
+    cache = translator.encode(examples)
+    embeds, mask = translator.build_inputs(examples, cache)
+    positions = arch.mask_positions(mask)
+    with torch.no_grad():
+        past = arch.text_model(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        best = float("inf")
+        for _ in range(repeat):
+            sync(device)
+            t0 = time.perf_counter()
+            runner = static_decode.StaticGreedy(model, past, mask, positions, n_new, {NEVER}, 151643)
+            with torch.cuda.device(mask.device):
+                runner._capture()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+            del runner
+    return best * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="directory for the JSON and the profiler summaries")
+    p.add_argument("--quick", action="store_true", help="tiny config on the CPU (seconds): the same code path")
+    p.add_argument("--before-rounds", type=int, default=None, help="rounds of the plain search (default 2; quick: all)")
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quick = args.quick
+    device = args.device or ("cpu" if quick else "cuda")
+    segments, seconds, n_new, rounds = (8, 2.0, 6, 2) if quick else (100, 8.0, 48, 8)
+    before_rounds = args.before_rounds if args.before_rounds is not None else (rounds if quick else 2)
+    if quick:
+        torch.set_num_threads(1)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    model, processor, build_seconds = build("tiny" if quick else "7b", device, dtype)
+    model.generation_config.eos_token_id = [NEVER]
+    if quick:  # 8 decoder layers: 6 candidates, 11 evaluations in 2 rounds
+        from stcompress.model.layers import remove_decoder_layers
+
+        remove_decoder_layers(model, range(8, arch.num_decoder_layers(model)))
+    examples = [Example(id=f"seg{i:03d}", audio=a, target_lang="de", references=("Das ist ein Beispielsatz.",))
+                for i, a in enumerate(clips(segments, seconds))]
+    n_layers = arch.num_decoder_layers(model)
+    record: dict = {
+        "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "quick": quick,
+        "parameters": sum(x.numel() for x in model.parameters()), "build_seconds": build_seconds,
+        "segments": segments, "clip_seconds": seconds, "new_tokens": n_new,
+    }
+    bw = bandwidth(device)
+    record["measured_bandwidth_bytes_per_s"] = bw
+
+    def save() -> None:
+        tmp = args.out / ".inference_speed.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(args.out / "inference_speed.json")
+
+    # 1. importance search, before (plain) and after (prefill reuse)
+    before = search(model, processor, examples, before_rounds, n_new, segments, device, reuse=False)
+    log.info("search before (%d rounds): %.1f s", before_rounds, before["seconds"])
+    after = search(model, processor, examples, rounds, n_new, segments, device, reuse=True)
+    log.info("search after (%d rounds): %.1f s", rounds, after["seconds"])
+    b_records, a_records = before.pop("_records"), after.pop("_records")
+    n_cand = len(candidate_layers(n_layers, None))
+    full_evals = 1 + sum(n_cand - r for r in range(rounds))
+    per_eval = before["seconds"] / before["evaluations"]
+    record["importance"] = {
+        "protocol_evaluations": full_evals, "before": before, "after": after,
+        "before_extrapolated_seconds": before["seconds"] if before_rounds == rounds else per_eval * full_evals,
+        "same_records_in_common_rounds": a_records[: len(b_records)] == b_records,
+        "same_removal_order_prefix": after["removal_order"][:before_rounds] == before["removal_order"],
+    }
+    imp = record["importance"]
+    imp["speedup"] = imp["before_extrapolated_seconds"] / after["seconds"]
+    prompt = len(Translator(model, processor).prompt.input_ids("de", 0)) + int(seconds * 25)
+    if bw:
+        imp["bound"] = protocol_bound(model, n_layers, rounds, segments, prompt, n_new, bw)
+    save()
+
+    # 2. audio tower
+    audios = [ex.audio for ex in examples]
+    record["tower"] = tower(model, processor, audios, device, batch=min(32, segments))
+    log.info("tower: %s", {k: v for k, v in record["tower"].items()})
+    save()
+
+    # 3. decode steps vs the weight-read bound
+    record["decode_steps"] = decode_speed(model, processor, examples, [n_layers], [1, min(32, segments)], n_new, device, bw)
+    save()
+
+    # 4. evaluate segments/s
+    counts = [n_layers, n_layers * 3 // 4, n_layers // 2]
+    record["evaluate"] = evaluate_speed(model, processor, examples, counts, min(32, segments), n_new, device)
+    save()
+
+    # 5. profiles: one candidate of round 1 with prefill reuse, one evaluate call at full depth
+    translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=segments), progress=False)
+    evaluator = GenerationEvaluator(translator, examples, ["chrf++"])
+    evaluator.evaluate([], segments)  # fills the round's prefill
+    layer = n_layers // 2
+    summary = {"search_candidate": profiled(lambda: evaluator.evaluate([layer], segments), device, args.out / "profile_search.txt")}
+    del evaluator
+    ev = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=min(32, segments)),
+                    progress=False, remember_audio=False)
+    summary["evaluate_32"] = profiled(lambda: ev.translate(examples), device, args.out / "profile_evaluate.txt")
+    (args.out / "profile.json").write_text(json.dumps(summary, indent=1) + "\n")
+    record["graph_capture_ms_per_variant"] = graph_capture_ms(model, processor, examples, n_new, device)
+    record["wall_seconds"] = time.perf_counter() - start
+    save()
+    print(json.dumps({k: v for k, v in record.items() if k not in ("decode_steps",)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
