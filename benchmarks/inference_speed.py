@@ -108,60 +108,81 @@ def tower_flops(model, n_clips: int, frames: int) -> float:
 
 @torch.no_grad()
 def tower(model, processor, audios, device, batch: int) -> dict:
+    """Per clip (batch 1, the CPU default and the code before) vs batched (`tower_batch`, the CUDA
+    default), both through `tower_outputs` with their feature extraction; then the checks: batched
+    output in another grouping (bit for bit), against per clip and transformers' full-window encoder."""
     extractor = processor.feature_extractor
     out: dict = {"clips": len(audios), "batch": batch}
     t0 = time.perf_counter()
     feats = extractor(list(audios), sampling_rate=16000, padding="max_length", truncation=True,
                       return_attention_mask=True, return_tensors="pt")
-    out["feature_extraction_seconds"] = time.perf_counter() - t0
+    out["feature_extraction_seconds_all_clips"] = time.perf_counter() - t0
     frames = int(feats["attention_mask"][0].sum())
     flops = tower_flops(model, len(audios), frames)
     out["matmul_tflop"] = flops / 1e12
-
-    def per_clip():
-        return tower_memo.tower_outputs(model, extractor, audios, remember=False)
-
-    def batched():
-        states = []
-        for s in range(0, len(audios), batch):
-            x, lengths = arch.tower_states(model, feats["input_features"][s:s + batch], feats["attention_mask"][s:s + batch])
-            states.extend(x[i, : int(n)] for i, n in enumerate(lengths))
-        return states
-
-    for name, fn in (("per_clip", per_clip), ("batched", batched)):
-        fn()  # warm-up
+    results = {}
+    for name, n in (("per_clip", 1), ("batched", batch)):
+        tower_memo.tower_outputs(model, extractor, audios[:n], remember=False, batch=n)  # warm-up
         sync(device)
         t0 = time.perf_counter()
-        result = fn()
+        results[name] = tower_memo.tower_outputs(model, extractor, audios, remember=False, batch=n)
         sync(device)
         out[f"{name}_seconds"] = time.perf_counter() - t0
-        out[name] = result
-    diff = max(float((a.float().cpu() - b.float().cpu()).abs().max()) for a, b in zip(out.pop("per_clip"), out.pop("batched")))
-    out["max_abs_difference_batched_vs_per_clip"] = diff
-    # per_clip includes its own feature extraction; the batched figure is tower only
-    out["batched_tflop_per_s"] = flops / out["batched_seconds"] / 1e12
+        out[f"{name}_tflop_per_s"] = flops / out[f"{name}_seconds"] / 1e12
+    out["speedup"] = out["per_clip_seconds"] / out["batched_seconds"]
+    regrouped = tower_memo.tower_outputs(model, extractor, audios[::-1][: max(1, len(audios) // 3)], remember=False,
+                                         batch=batch)[::-1]
+    tail = results["batched"][-len(regrouped):]
+    out["batched_same_bits_in_another_grouping"] = all(torch.equal(a, b) for a, b in zip(tail, regrouped))
+    out["max_abs_difference_batched_vs_per_clip"] = max(
+        float((a.float() - b.float()).abs().max()) for a, b in zip(results["batched"], results["per_clip"]))
+    # transformers' own encoder on the full 3000-frame window, 8 clips
+    t = arch.audio_tower(model)
+    dtype = t.conv1.weight.dtype
+    k = min(8, len(audios))
+    conv_lengths, out_lengths = t._get_feat_extract_output_lengths(feats["attention_mask"][:k].sum(-1))
+    width = t.config.max_source_positions
+    pad = torch.arange(width)[None, :] >= conv_lengths[:, None]
+    mask = torch.zeros(k, 1, width, width, dtype=dtype).masked_fill_(pad[:, None, None, :], torch.finfo(dtype).min)
+    full = t(feats["input_features"][:k].to(device, dtype), attention_mask=mask.to(device)).last_hidden_state.float().cpu()
+    diffs = [float((results["batched"][i].float() - full[i, :n]).abs().max()) for i, n in enumerate(out_lengths.tolist())]
+    ref = [float((results["per_clip"][i].float() - full[i, :n]).abs().max()) for i, n in enumerate(out_lengths.tolist())]
+    out["max_abs_difference_vs_transformers"] = {"batched": max(diffs), "per_clip": max(ref),
+                                                 "max_abs_value": float(full.abs().max())}
     return out
 
 
 # -- evaluate ---------------------------------------------------------------------------------
 
-def evaluate_speed(model, processor, examples, layer_counts, batch, n_new, device) -> list[dict]:
+def evaluate_speed(model, processor, examples, layer_counts, batch, n_new, device, tower_batch: int | None) -> list[dict]:
+    """`stcompress evaluate`'s translation (audio not remembered, so the tower runs each call),
+    with the tower's clips per call forced to `tower_batch` (None: the default)."""
     rows = []
     total = arch.num_decoder_layers(model)
-    for n in layer_counts:
-        keep = spaced(total, n)
-        translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=batch),
-                                progress=False, remember_audio=False)  # as `stcompress evaluate` times it
-        times = []
-        with decoder_view(model, keep):
-            for _ in range(2):
-                sync(device)
-                t0 = time.perf_counter()
-                hyps = translator.translate(examples)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-        rows.append({"decoder_layers": len(keep), "batch": batch, "first_call_seconds": times[0], "seconds": times[1],
-                     "segments_per_s": len(examples) / times[1], "tokens": sum(h.n_tokens for h in hyps)})
+    previous = os.environ.get(tower_memo.BATCH_ENV)
+    if tower_batch is not None:
+        os.environ[tower_memo.BATCH_ENV] = str(tower_batch)
+    try:
+        for n in layer_counts:
+            keep = spaced(total, n)
+            translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=batch),
+                                    progress=False, remember_audio=False)
+            times = []
+            with decoder_view(model, keep):
+                for _ in range(2):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    hyps = translator.translate(examples)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+            rows.append({"decoder_layers": len(keep), "batch": batch, "tower_batch": tower_memo.tower_batch(model),
+                         "first_call_seconds": times[0], "seconds": times[1],
+                         "segments_per_s": len(examples) / times[1], "tokens": sum(h.n_tokens for h in hyps)})
+    finally:
+        if previous is None:
+            os.environ.pop(tower_memo.BATCH_ENV, None)
+        else:
+            os.environ[tower_memo.BATCH_ENV] = previous
     base = rows[0]["segments_per_s"]
     for r in rows:
         r["speedup_vs_first"] = r["segments_per_s"] / base
@@ -276,7 +297,7 @@ def main() -> None:
 
     # 2. audio tower
     audios = [ex.audio for ex in examples]
-    record["tower"] = tower(model, processor, audios, device, batch=min(32, segments))
+    record["tower"] = tower(model, processor, audios, device, batch=tower_memo.tower_batch(model) if not quick else 4)
     log.info("tower: %s", {k: v for k, v in record["tower"].items()})
     save()
 
@@ -286,7 +307,11 @@ def main() -> None:
 
     # 4. evaluate segments/s
     counts = [n_layers, n_layers * 3 // 4, n_layers // 2]
-    record["evaluate"] = evaluate_speed(model, processor, examples, counts, min(32, segments), n_new, device)
+    batch32 = min(32, segments)
+    record["evaluate"] = {
+        "after": evaluate_speed(model, processor, examples, counts, batch32, n_new, device, 4 if quick else None),
+        "before_tower_per_clip": evaluate_speed(model, processor, examples, counts, batch32, n_new, device, 1),
+    }
     save()
 
     # 5. profiles: one candidate of round 1 with prefill reuse, one evaluate call at full depth
