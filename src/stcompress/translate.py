@@ -338,13 +338,14 @@ class Translator:
         if self.generation.sort_by_length:
             order.sort(key=lambda i: -cache.n_tokens(examples[i].id))  # longest first: OOM shows early
         kwargs = self._generate_kwargs()
+        reuse = {k: v for k, v in (("prefills", prefills), ("skip", skip_layer)) if v is not None}
         results: dict[int, Hypothesis] = {}
         bar = progress_bar(len(order), "translate", "seg", progress=self.progress, leave=False)
         pos = 0
         while pos < len(order):
             idx = order[pos : pos + self.batch_size]
             try:
-                hyps = self._generate_batch([examples[i] for i in idx], cache, kwargs, prefills, skip_layer)
+                hyps = self._generate_batch([examples[i] for i in idx], cache, kwargs, **reuse)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
                     raise

@@ -66,6 +66,9 @@ def layer_kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[index], cache.value_cache[index]  # transformers < 4.56
 
 
+_WARMED: set[tuple] = set()  # step shapes already run once in this process (see `_capture`)
+
+
 class StaticGreedy:
     """Continue greedy decoding from a transformers prefill (its cache, mask and first token).
 
@@ -146,15 +149,22 @@ class StaticGreedy:
         self.step_index += 1
 
     def _capture(self) -> None:
-        """Record one step as a CUDA graph (a warm-up step on a side stream first, then undo it)."""
+        """Record one step as a CUDA graph (a warm-up step on a side stream first, then undo it).
+
+        The warm-up (lazy initialisation before capture) runs once per process and step shape:
+        the importance search captures one graph per evaluated variant, all of the same shape.
+        """
         saved = [t.clone() for t in (self.token, self.done, self.slot, self.position, self.step_index, self.mask)]
-        stream = torch.cuda.Stream(device=self.mask.device)  # the model's GPU, not the current one
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((self.token, self.done, self.slot, self.position, self.step_index, self.mask), saved):
-            t.copy_(s)
+        shape = (self.mask.device, tuple(self.keys[0].shape), len(self.layers), self.keys[0].dtype)
+        if shape not in _WARMED:
+            stream = torch.cuda.Stream(device=self.mask.device)  # the model's GPU, not the current one
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            for t, s in zip((self.token, self.done, self.slot, self.position, self.step_index, self.mask), saved):
+                t.copy_(s)
+            _WARMED.add(shape)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
