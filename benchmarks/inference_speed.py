@@ -4,7 +4,8 @@ evaluate's segments/s at 32 / 24 / 16 layers, and a torch profiler summary.
 
 The real Qwen2-Audio-7B architecture with random bf16 weights (`qwen2audio_7b.py`), 100 clips of
 8 s, exactly 48 new tokens per segment (an end-of-turn id no model emits). Under 8 minutes on one
-H200; `--quick` is the same code on a tiny config on the CPU, in well under a minute.
+H200; `--quick` is the same code on a tiny config (8 decoder layers, 8 clips, 2 rounds) on the CPU,
+in 1-2 minutes.
 
     PYTHONPATH=src python benchmarks/inference_speed.py --out /tmp/inference_speed           # one H200
     PYTHONPATH=src python benchmarks/inference_speed.py --quick --out /tmp/inference_speed   # CPU dry run
@@ -15,8 +16,9 @@ Importance search: "after" (prefill reuse, the product default) runs the full pr
 must equal the "after" run's (scores and hypotheses' sha256); its full time is extrapolated from
 its per-evaluation time. On the GPU greedy decoding of random weights is not run-to-run
 deterministic (`results/decode_determinism_h200.json`), so the LM head is sharpened x64 for
-the comparisons and `equivalence_head_x64` also decodes the plain path twice as the control. Writes `inference_speed.json`, `profile_search.txt`, `profile_evaluate.txt`
-and `profile.json` into `--out`.
+the comparisons and `equivalence_head_x64` also decodes the plain path twice as the control.
+Writes `inference_speed.json`, `profile_search.txt`, `profile_evaluate.txt` and `profile.json`
+into `--out`.
 """
 
 from __future__ import annotations
@@ -397,7 +399,8 @@ def main() -> None:
 
 
 def profiles(model, processor, examples, segments, n_new, n_layers, device, out: Path) -> None:
-    translator = Translator(model, processor, generation=GenerationConfig(max_new_tokens=n_new, batch_size=segments), progress=False)
+    gen = GenerationConfig(max_new_tokens=n_new, batch_size=segments)
+    translator = Translator(model, processor, generation=gen, progress=False)
     evaluator = GenerationEvaluator(translator, examples, ["chrf++"])
     evaluator.evaluate([], segments)  # fills the round's prefill
     layer = n_layers // 2

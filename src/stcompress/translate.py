@@ -3,8 +3,9 @@
 Audio goes through the audio tower + projector once per clip (`AudioCache`); the decoder then
 runs from `inputs_embeds`, so any number of decoder variants (the importance search evaluates
 ~200) reuse the same audio features, and variants that drop one layer of the current decoder
-reuse its prefill below that layer (`PrefillStore`, `model/prefill_reuse.py`). Batches are length-sorted and left-padded; on CUDA
-out-of-memory the batch size halves and the batch is retried. Results come back in input order.
+reuse its prefill below that layer (`PrefillStore`, `model/prefill_reuse.py`). Batches are
+length-sorted and left-padded; on CUDA out-of-memory the batch size halves and the batch is
+retried. Results come back in input order.
 """
 
 from __future__ import annotations
