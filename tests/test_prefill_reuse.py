@@ -152,3 +152,26 @@ def test_sliding_window_decoder_keeps_the_plain_path(speech_like):
     evaluator = GenerationEvaluator(translator, _examples(speech_like, (1.0, 2.0)), ["chrf"])
     assert evaluator.prefills is None
     assert evaluator.evaluate([1], 2)[0]["chrf"] >= 0
+
+
+def test_out_of_memory_empties_the_store_and_the_smaller_batches_refill_it(loaded, speech_like, monkeypatch):
+    model, _ = loaded
+    examples = _examples(speech_like)
+    translator = _translator(loaded, batch_size=4)
+    cache = translator.encode(examples)
+    store = PrefillStore()
+    translator.translate(examples, cache=cache, prefills=store)  # batches of 4 and 1 stored
+    assert store.misses == 2 and len(store.entries) == 2
+    real = translator._greedy_reusing
+
+    def flaky(batch, *args):
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, *args)
+
+    monkeypatch.setattr(translator, "_greedy_reusing", flaky)
+    fast = translator.translate(examples, cache=cache, prefills=store, skip_layer=2)
+    with decoder_view(model, [0, 1, 3, 4, 5]):
+        plain = _translator(loaded, batch_size=2).translate(examples, cache=cache)
+    assert fast == plain and translator.batch_size == 2
+    assert all(len(key) <= 2 for key in store.entries) and len(store.entries) == 3
