@@ -2,13 +2,17 @@
 
 Audio goes through the audio tower + projector once per clip (`AudioCache`); the decoder then
 runs from `inputs_embeds`, so any number of decoder variants (the importance search evaluates
-~200) reuse the same audio features. Batches are length-sorted and left-padded; on CUDA
-out-of-memory the batch size halves and the batch is retried. Results come back in input order.
+~200) reuse the same audio features, and variants that drop one layer of the current decoder
+reuse its prefill below that layer (`PrefillStore`, `model/prefill_reuse.py`). Batches are
+length-sorted and left-padded; on CUDA out-of-memory the batch size halves and the batch is
+retried. Results come back in input order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +24,8 @@ from stcompress.config import GenerationConfig, PromptConfig
 from stcompress.data.example import Example
 from stcompress.errors import StcompressError
 from stcompress.metrics.efficiency import speed_report
-from stcompress.model import arch, static_decode
+from stcompress.model import arch, prefill_reuse, static_decode
+from stcompress.model.layers import decoder_view
 from stcompress.model.tower_memo import tower_outputs
 from stcompress.progress import bar as progress_bar
 from stcompress.prompt import PromptBuilder
@@ -62,6 +67,54 @@ class AudioCache:
 
     def n_tokens(self, example_id: str) -> int:
         return int(self.embeds[example_id].shape[0])
+
+
+PREFILL_ENV = "STCOMPRESS_PREFILL_REUSE_MB"
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class PrefillStore:
+    """Prefills of one decoder view per batch, for decoding it and its variants without one layer.
+
+    Bound to the view it was filled on: a different layer list empties it first, so a stale
+    prefill is never reused. A prefill is kept only while it fits: under `limit_bytes` in all
+    (STCOMPRESS_PREFILL_REUSE_MB; 0 turns reuse off), and each at most half of the memory still
+    available on its device (the rest is for decoding); a batch that does not fit decodes the plain way.
+    """
+
+    def __init__(self, limit_bytes: int | None = None):
+        if limit_bytes is None and os.environ.get(PREFILL_ENV):
+            limit_bytes = int(float(os.environ[PREFILL_ENV]) * 2**20)
+        self.limit = limit_bytes
+        self.entries: dict[tuple[str, ...], prefill_reuse.Prefill] = {}
+        self.nbytes = 0
+        self.view: tuple[int, ...] = ()
+        self.hits = self.misses = self.refused = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+    def bind(self, model: Any) -> None:
+        view = tuple(id(layer) for layer in arch.decoder_layers(model))
+        if view != self.view:
+            self.clear()
+            self.view = view
+
+    def room(self, nbytes: int, device: torch.device) -> bool:
+        if self.limit is not None and self.nbytes + nbytes > self.limit:
+            return False
+        return nbytes <= _available_bytes(device) // 2
+
+    def put(self, key: tuple[str, ...], pre: prefill_reuse.Prefill) -> None:
+        self.entries[key] = pre
+        self.nbytes += pre.nbytes
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -204,14 +257,60 @@ class Translator:
             )
         return torch.stack(steps, dim=1)
 
+    def reuses_prefill(self) -> bool:
+        """True where `translate(prefills=...)` shares prefill work: greedy decoding on the static path."""
+        gen = self.generation
+        greedy = not gen.do_sample and gen.num_beams == 1 and gen.repetition_penalty == 1.0
+        return greedy and gen.static_cache and prefill_reuse.supported(self.model)
+
+    def _without(self, skip: int | None) -> contextlib.AbstractContextManager[None]:
+        if skip is None:
+            return contextlib.nullcontext()
+        return decoder_view(self.model, [i for i in range(arch.num_decoder_layers(self.model)) if i != skip])
+
     @torch.no_grad()
-    def _generate_batch(self, batch: Sequence[Example], cache: AudioCache, kwargs: dict[str, Any]) -> list[Hypothesis]:
-        embeds, mask = self.build_inputs(batch, cache)
-        eos = self._eos_ids(kwargs)
-        if kwargs["do_sample"] or kwargs["num_beams"] > 1 or kwargs["repetition_penalty"] != 1.0:
-            new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    def _greedy_reusing(self, batch: Sequence[Example], cache: AudioCache, kwargs: dict[str, Any],
+                        store: PrefillStore, skip: int | None) -> torch.Tensor:
+        """Greedy decoding from the view's stored prefill of this batch (made and stored on a miss)."""
+        max_new, eos, pad = kwargs["max_new_tokens"], self._eos_ids(kwargs), kwargs["pad_token_id"]
+        store.bind(self.model)
+        key = tuple(ex.id for ex in batch)
+        pre = store.entries.get(key)
+        if pre is None:
+            embeds, mask = self.build_inputs(batch, cache)
+            if not store.room(prefill_reuse.estimate_bytes(self.model, *mask.shape, embeds.dtype), mask.device):
+                store.refused += 1
+                with self._without(skip):
+                    return self._greedy(embeds, mask, max_new, eos, pad)
+            store.misses += 1
+            pre = prefill_reuse.prefill(self.model, embeds, mask, arch.mask_positions(mask))
+            store.put(key, pre)
         else:
-            new = self._greedy(embeds, mask, kwargs["max_new_tokens"], eos, kwargs["pad_token_id"])
+            store.hits += 1
+        layers = list(arch.decoder_layers(self.model))
+        if skip is None:
+            kv, last = pre.kv, pre.last_hidden
+        else:
+            kv, last = prefill_reuse.without(self.model, pre, skip)
+            del layers[skip]
+        first = arch.lm_head(self.model)(last).argmax(-1)
+        runner = static_decode.StaticGreedy(self.model, kv, pre.mask, pre.positions, max_new, eos, pad, layers=layers)
+        del kv
+        return runner.run(first)
+
+    @torch.no_grad()
+    def _generate_batch(self, batch: Sequence[Example], cache: AudioCache, kwargs: dict[str, Any],
+                        prefills: PrefillStore | None = None, skip: int | None = None) -> list[Hypothesis]:
+        eos = self._eos_ids(kwargs)
+        if prefills is not None and self.reuses_prefill():
+            new = self._greedy_reusing(batch, cache, kwargs, prefills, skip)
+        else:
+            with self._without(skip):
+                embeds, mask = self.build_inputs(batch, cache)
+                if kwargs["do_sample"] or kwargs["num_beams"] > 1 or kwargs["repetition_penalty"] != 1.0:
+                    new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+                else:
+                    new = self._greedy(embeds, mask, kwargs["max_new_tokens"], eos, kwargs["pad_token_id"])
         hyps = []
         for ex, row in zip(batch, new.tolist()):
             n = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
@@ -219,8 +318,14 @@ class Translator:
             hyps.append(Hypothesis(id=ex.id, text=text, n_tokens=n))
         return hyps
 
-    def translate(self, examples: Sequence[Example], cache: AudioCache | None = None, stats: RunStats | None = None) -> list[Hypothesis]:
-        """Translate `examples`; hypotheses come back in input order."""
+    def translate(self, examples: Sequence[Example], cache: AudioCache | None = None, stats: RunStats | None = None, *,
+                  prefills: PrefillStore | None = None, skip_layer: int | None = None) -> list[Hypothesis]:
+        """Translate `examples`; hypotheses come back in input order.
+
+        `skip_layer`: translate with the current decoder view's layer at that index left out.
+        `prefills`: reuse (and fill) the current view's prefills where `reuses_prefill()`; the
+        same tokens as without, only less prefill work when several variants share a view.
+        """
         if not examples:
             return []
         start = time.perf_counter()
@@ -234,16 +339,19 @@ class Translator:
         if self.generation.sort_by_length:
             order.sort(key=lambda i: -cache.n_tokens(examples[i].id))  # longest first: OOM shows early
         kwargs = self._generate_kwargs()
+        reuse = {k: v for k, v in (("prefills", prefills), ("skip", skip_layer)) if v is not None}
         results: dict[int, Hypothesis] = {}
         bar = progress_bar(len(order), "translate", "seg", progress=self.progress, leave=False)
         pos = 0
         while pos < len(order):
             idx = order[pos : pos + self.batch_size]
             try:
-                hyps = self._generate_batch([examples[i] for i in idx], cache, kwargs)
+                hyps = self._generate_batch([examples[i] for i in idx], cache, kwargs, **reuse)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
                     raise
+                if prefills is not None:
+                    prefills.clear()  # its batches were of the old size; free their memory too
                 self._back_off()
                 continue
             results.update(zip(idx, hyps))

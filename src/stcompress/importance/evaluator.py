@@ -2,8 +2,10 @@
 
 No model copies: the decoder runs through a view of its layer list (`decoder_view`), and the
 audio features are computed once for the whole search (decoder-only removal never changes them).
-Removing audio-encoder layers (the paper's ablation) changes the features, so that mode
-re-encodes the audio for every variant.
+A candidate `(*removed, layer)` runs inside the view without `removed` and skips `layer`, so all
+candidates of a round share that view's prefill below their layer (`translate.PrefillStore`;
+exact, off with `reuse_prefill=False`). Removing audio-encoder layers (the paper's ablation)
+changes the features, so that mode re-encodes the audio for every variant.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from stcompress.metrics.comet import CometScorer
 from stcompress.metrics.text import METRICS, corpus_scores
 from stcompress.model import arch
 from stcompress.model.layers import decoder_view, encoder_view
-from stcompress.translate import AudioCache, Translator
+from stcompress.translate import AudioCache, PrefillStore, Translator
 
 
 def check_metrics(names: Sequence[str]) -> None:
@@ -39,6 +41,7 @@ class GenerationEvaluator:
         *,
         component: str = "decoder",
         comet: CometScorer | None = None,
+        reuse_prefill: bool = True,
     ):
         check_metrics(metrics)
         if "comet" in metrics and comet is None:
@@ -55,6 +58,8 @@ class GenerationEvaluator:
             raise StcompressError(f"data: dev segment {missing[0]!r} has no reference translation; the search scores against references")
         self.n_layers = len(arch.audio_tower(self.model).layers) if component == "encoder" else arch.num_decoder_layers(self.model)
         self.cache: AudioCache | None = None if component == "encoder" else translator.encode(self.examples)
+        reuse = reuse_prefill and component == "decoder" and translator.reuses_prefill()
+        self.prefills: PrefillStore | None = PrefillStore() if reuse else None
 
     def _view(self, removed: Sequence[int]) -> contextlib.AbstractContextManager[None]:
         keep = [i for i in range(self.n_layers) if i not in set(removed)]
@@ -62,8 +67,15 @@ class GenerationEvaluator:
 
     def evaluate(self, removed: Sequence[int], n_segments: int) -> tuple[dict[str, float], dict[str, str], list[dict[str, Any]]]:
         subset = self.examples[:n_segments]
-        with self._view(removed):
-            hyps = self.translator.translate(subset, cache=self.cache)
+        if self.prefills is not None:
+            base = list(removed[:-1])
+            keep = [i for i in range(self.n_layers) if i not in set(base)]
+            skip = keep.index(removed[-1]) if removed else None
+            with self._view(base):
+                hyps = self.translator.translate(subset, cache=self.cache, prefills=self.prefills, skip_layer=skip)
+        else:
+            with self._view(removed):
+                hyps = self.translator.translate(subset, cache=self.cache)
         texts = [h.text for h in hyps]
         refs = [list(ex.references) for ex in subset]
         text_metrics = [m for m in self.metrics if m != "comet"]

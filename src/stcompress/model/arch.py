@@ -106,7 +106,14 @@ def _run_encoder_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | N
     return out[0] if isinstance(out, tuple) else out
 
 
-def tower_states(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tower_frames(n_frames: int, bucket: int = 1) -> int:
+    """Mel frames `tower_states` needs for a clip of `n_frames` (its margin included), rounded up to
+    a multiple of `bucket` and capped at the 30 s window."""
+    return min(3000, -(-(n_frames + _TRIM_MARGIN) // bucket) * bucket)
+
+
+def tower_states(model: nn.Module, input_features: torch.Tensor, feature_attention_mask: torch.Tensor,
+                 frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio-tower output (before the projector): (B, max tokens, d_audio) and tokens per clip.
 
     transformers' encoder runs all 1500 positions of the 30 s window (its forward refuses shorter
@@ -114,13 +121,18 @@ def tower_states(model: nn.Module, input_features: torch.Tensor, feature_attenti
     This replays the same layers (conv1, conv2, positions, dropout, encoder layers, avg-pool, norm)
     on the frames that exist plus a small margin: identical outputs (max difference 1e-6 on 4.57
     and 5.x, checked by tests against the model's own forward), 5-10x less work for short clips.
-    Gradients flow when enabled; layerdrop (0 in Qwen2-Audio) is not replayed.
+    Gradients flow when enabled; layerdrop (0 in Qwen2-Audio) is not replayed. `frames`: run
+    exactly that many frames (at least `tower_frames` of the longest clip), so that the shapes the
+    kernels see do not depend on which clips share the batch.
     """
     tower = audio_tower(model)
     device, dtype = tower.conv1.weight.device, tower.conv1.weight.dtype
     lengths = feature_attention_mask.to(device).sum(-1)
     conv_lengths, out_lengths = tower._get_feat_extract_output_lengths(lengths)
-    frames = min(int(lengths.max()) + _TRIM_MARGIN, input_features.shape[-1])
+    need = min(int(lengths.max()) + _TRIM_MARGIN, input_features.shape[-1])
+    if frames is not None and frames < need:
+        raise ValueError(f"tower_states: frames={frames} cuts into the longest clip; it needs {need}")
+    frames = need if frames is None else min(frames, input_features.shape[-1])
     x = input_features[..., :frames].to(device=device, dtype=dtype)
     x = nn.functional.gelu(tower.conv1(x))
     x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)

@@ -56,21 +56,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_kv(cache: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of layer `index` in a transformers cache (5.x and 4.5x), or in a list of pairs."""
+    if isinstance(cache, (list, tuple)):
+        return cache[index]
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return layers[index].keys, layers[index].values
     return cache.key_cache[index], cache.value_cache[index]  # transformers < 4.56
 
 
+_WARMED: set[tuple] = set()  # step shapes already run once in this process (see `_capture`)
+
+
 class StaticGreedy:
-    """Continue greedy decoding from a transformers prefill (its cache, mask and first token)."""
+    """Continue greedy decoding from a transformers prefill (its cache, mask and first token).
+
+    `layers`: the decoder layers to run (default: the model's); `past` then holds their KV in order.
+    """
 
     def __init__(self, model: nn.Module, past: object, mask: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 eos: set[int], pad: int, *, cuda_graph: bool | None = None):
+                 eos: set[int], pad: int, *, cuda_graph: bool | None = None, layers: list[nn.Module] | None = None):
         self.model = model
         self.decoder = arch.text_model(model)
-        self.layers = list(arch.decoder_layers(model))
+        self.layers = list(arch.decoder_layers(model)) if layers is None else list(layers)
         self.head = arch.lm_head(model)
         attn = self.layers[0].self_attn
         config = arch.text_config(model)
@@ -84,7 +93,7 @@ class StaticGreedy:
         length = prompt + max_new
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
-            k, v = _kv(past, i)
+            k, v = layer_kv(past, i)
             big_k = k.new_zeros(batch, self.kv_heads, length, self.head_dim)
             big_v = v.new_zeros(batch, self.kv_heads, length, self.head_dim)
             big_k[:, :, :prompt] = k
@@ -140,15 +149,22 @@ class StaticGreedy:
         self.step_index += 1
 
     def _capture(self) -> None:
-        """Record one step as a CUDA graph (a warm-up step on a side stream first, then undo it)."""
+        """Record one step as a CUDA graph (a warm-up step on a side stream first, then undo it).
+
+        The warm-up (lazy initialisation before capture) runs once per process and step shape:
+        the importance search captures one graph per evaluated variant, all of the same shape.
+        """
         saved = [t.clone() for t in (self.token, self.done, self.slot, self.position, self.step_index, self.mask)]
-        stream = torch.cuda.Stream(device=self.mask.device)  # the model's GPU, not the current one
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((self.token, self.done, self.slot, self.position, self.step_index, self.mask), saved):
-            t.copy_(s)
+        shape = (self.mask.device, tuple(self.keys[0].shape), len(self.layers), self.keys[0].dtype)
+        if shape not in _WARMED:
+            stream = torch.cuda.Stream(device=self.mask.device)  # the model's GPU, not the current one
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            for t, s in zip((self.token, self.done, self.slot, self.position, self.step_index, self.mask), saved):
+                t.copy_(s)
+            _WARMED.add(shape)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()

@@ -98,17 +98,30 @@ class TowerMemo:
 
 MEMO = TowerMemo(int(float(os.environ.get(MEMO_ENV, "2048")) * 2**20))
 
+BATCH_ENV = "STCOMPRESS_TOWER_BATCH"
+_BUCKET_FRAMES = 100  # 1 s of mel frames: batched clips run their own length rounded up to this
+
+
+def tower_batch(model: nn.Module) -> int:
+    """Clips per tower call: STCOMPRESS_TOWER_BATCH, else 16 on CUDA (short clips alone are
+    launch-bound there) and 1 on the CPU (where batching gains little, and today's outputs stay)."""
+    if os.environ.get(BATCH_ENV):
+        return max(1, int(os.environ[BATCH_ENV]))
+    return 16 if arch.audio_tower(model).conv1.weight.device.type == "cuda" else 1
+
 
 @torch.no_grad()
 def tower_outputs(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray], on_batch: Any = None,
-                  remember: bool = True) -> list[torch.Tensor]:
+                  remember: bool = True, batch: int | None = None) -> list[torch.Tensor]:
     """Audio-tower output per clip, (n_audio_tokens, d_audio) on the CPU, from MEMO where possible.
 
-    Each clip runs through the tower alone: batched, the tower is trimmed to the batch's longest
-    clip and the kernels see other shapes, which moves the last bits (1e-6 on CPU), so a clip's
-    output would depend on which clips it was batched with, and a resumed `run` (whose memo holds
-    other batches) would train to a different adapter. Alone, the output is a function of the clip
-    and the tower only: a memo hit is bit for bit what a fresh computation gives.
+    A clip's output must be a function of the clip and the tower only, whichever clips it is
+    computed with: a resumed `run` finds other clips in the memo than an uninterrupted one, and
+    would otherwise train to a different adapter. Trimmed to a batch's longest clip, the kernels
+    would see shapes set by the other clips, which moves the last bits (1e-6 on CPU). So with
+    `batch` 1 (`tower_batch`) each clip runs alone; with more, clips of the same length bucket
+    (1 s) run together, each bucket with exactly its frames and every call with exactly `batch`
+    rows (filled up with copies), so every kernel sees the same shapes whatever the grouping.
     `on_batch(n)` is called with the number of clips finished (progress bars).
     """
     fp = MEMO.fingerprint(model, extractor) if remember and MEMO.limit > 0 else None
@@ -119,13 +132,39 @@ def tower_outputs(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray]
     MEMO.misses += len(todo)
     if on_batch is not None and len(audios) > len(todo):
         on_batch(len(audios) - len(todo))
-    for i in todo:
-        out[i] = _one_clip(model, extractor, audios[i])
-        if fp:
-            MEMO.put(fp, keys[i], out[i])
-        if on_batch is not None:
-            on_batch(1)
+    batch = tower_batch(model) if batch is None else batch
+    done = (lambda i, t: None) if not fp else (lambda i, t: MEMO.put(fp, keys[i], t))
+    if batch == 1:
+        for i in todo:
+            out[i] = _one_clip(model, extractor, audios[i])
+            done(i, out[i])
+            if on_batch is not None:
+                on_batch(1)
+        return out  # type: ignore[return-value]
+    for start in range(0, len(todo), 16 * batch):  # features of a bounded number of clips at once
+        part = todo[start : start + 16 * batch]
+        for idx, states in _bucketed(model, extractor, [audios[i] for i in part], batch):
+            for j, t in zip(idx, states):
+                out[part[j]] = t
+                done(part[j], t)
+            if on_batch is not None:
+                on_batch(len(idx))
     return out  # type: ignore[return-value]
+
+
+def _bucketed(model: nn.Module, extractor: Any, audios: Sequence[np.ndarray], batch: int) -> Any:
+    """(indices, outputs) per tower call: clips grouped by length bucket, `batch` rows a call."""
+    feats = extractor(list(audios), sampling_rate=SAMPLE_RATE, padding="max_length", truncation=True,
+                      return_attention_mask=True, return_tensors="pt")
+    frames = [arch.tower_frames(int(n), _BUCKET_FRAMES) for n in feats["attention_mask"].sum(-1)]
+    for bucket in sorted(set(frames)):
+        members = [i for i, f in enumerate(frames) if f == bucket]
+        for s in range(0, len(members), batch):
+            idx = members[s : s + batch]
+            rows = idx + [idx[0]] * (batch - len(idx))
+            states, lengths = arch.tower_states(model, feats["input_features"][rows], feats["attention_mask"][rows],
+                                                frames=bucket)
+            yield idx, [states[j, : int(lengths[j])].to("cpu").clone() for j in range(len(idx))]
 
 
 def _one_clip(model: nn.Module, extractor: Any, audio: np.ndarray) -> torch.Tensor:
