@@ -532,10 +532,12 @@ class VocabConfig:
     """`export --trim-vocab`: the texts whose tokens are kept (stcompress.vocab_trim)."""
 
     # Each entry's references (`data`) or a distill output's KD targets and teacher outputs
-    # (`distilled`), as in finetune's `datasets` (YAML). Empty, with `distilled` empty too: the
-    # training data the finetune manifests upstream of the input record.
+    # (`distilled`), as in finetune's `datasets` (YAML). All three empty: the training data the
+    # finetune manifests upstream of the input record.
     datasets: tuple[DatasetMix, ...] = ()
     distilled: tuple[str, ...] = ()  # distill output directories (the command-line form of datasets)
+    # datasets (as data.dataset) whose references are kept, read with the export's other data options
+    references: tuple[str, ...] = ()
     keep_first: int = 0  # also keep the N lowest token ids (the BPE's most frequent pieces): a margin for unseen text
 
 
@@ -587,7 +589,8 @@ class ExportConfig:
             out.append("check_min_agreement: must be in (0, 1]; 1.0 requires identical greedy output")
         if self.vocab.keep_first < 0:
             out.append("vocab.keep_first: must not be negative (0 keeps no margin)")
-        if not self.trim_vocab and (self.vocab.datasets or self.vocab.distilled or self.vocab.keep_first):
+        if not self.trim_vocab and (self.vocab.datasets or self.vocab.distilled or self.vocab.references
+                                    or self.vocab.keep_first):
             out.append("vocab: set only with trim_vocab; add --trim-vocab or drop the vocab options")
         return out
 

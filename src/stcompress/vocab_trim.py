@@ -18,6 +18,7 @@ and sampling differ likewise (sampling also renormalises over the kept tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -46,8 +47,11 @@ class KeptTexts:
     origin: str = "vocab"  # "vocab" (given) or "training data upstream"
 
 
-def _mixes(cfg: VocabConfig, finetunes: list[dict[str, Any]]) -> tuple[list[tuple[str, DatasetMix]], str]:
-    given = [*cfg.datasets, *(DatasetMix(distilled=d) for d in cfg.distilled)]
+def _mixes(cfg: VocabConfig, finetunes: list[dict[str, Any]], data: DataConfig | None
+           ) -> tuple[list[tuple[str, DatasetMix]], str]:
+    data = data or DataConfig()
+    given = [*cfg.datasets, *(DatasetMix(distilled=d) for d in cfg.distilled),
+             *(DatasetMix(data=dataclasses.replace(data, dataset=d, format="auto", limit=None)) for d in cfg.references)]
     if given:
         return [(f"vocab.datasets[{i}]", m) for i, m in enumerate(given)], "vocab"
     found: list[tuple[str, DatasetMix]] = []
@@ -59,19 +63,20 @@ def _mixes(cfg: VocabConfig, finetunes: list[dict[str, Any]]) -> tuple[list[tupl
                 found.append((f"the finetune manifest's datasets[{i}]", load_config(DatasetMix, entry, check=False)))
             except ConfigError as exc:
                 raise ConfigError([f"vocab: the training data recorded upstream is unreadable ({exc.problems[0]}); "
-                                   "give vocab.datasets or --vocab.distilled"]) from None
+                                   "give --vocab.references, --vocab.distilled or vocab.datasets"]) from None
     if not found:
         raise ConfigError(["vocab: trim_vocab needs texts and no finetune manifest upstream of the input records its "
-                           "training data; give --vocab.distilled DISTILL_DIR or vocab.datasets (YAML: data / distilled entries)"])
+                           "training data; give --vocab.references DATASET, --vocab.distilled DISTILL_DIR or vocab.datasets (YAML)"])
     return found, "training data upstream"
 
 
-def kept_texts(cfg: VocabConfig, finetunes: list[dict[str, Any]]) -> KeptTexts:
-    """Read every source's texts (no audio), before any model loads; each problem names its source."""
+def kept_texts(cfg: VocabConfig, finetunes: list[dict[str, Any]], data: DataConfig | None = None) -> KeptTexts:
+    """Read every source's texts (no audio), before any model loads; each problem names its source.
+    `data`: the options `vocab.references` are read with (the export's data section)."""
     from stcompress.data.distilled import distilled_texts
     from stcompress.data.sources import reference_texts
 
-    mixes, origin = _mixes(cfg, finetunes)
+    mixes, origin = _mixes(cfg, finetunes, data)
     out = KeptTexts(texts=[], origin=origin)
     seen: set[str] = set()
     for where, mix in mixes:

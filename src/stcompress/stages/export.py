@@ -509,7 +509,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     _scores(cfg)  # fail on a bad --scores before loading anything
     examples = check_examples(cfg)
     origin = lineage(source)
-    kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", [])) if cfg.trim_vocab else None
+    kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
     if source.adapter is not None:
         merge_adapter(loaded, source.adapter)
