@@ -78,6 +78,21 @@ def test_kept_set_is_closed_under_merges_and_encodes_kept_texts_exactly(qwen_tok
     assert set(range(2000)) <= set(wider_ids) and len(wider_ids) > len(old_ids)
 
 
+def test_byte_fallback_bpe_trims_exactly_too():
+    """Gemma-style BPE (no pre-tokenizer, spaces as ▁, `<0xNN>` byte fallback): the same rule."""
+    from test_testbed import TEXTS, _tiny_bpe_json
+
+    full = _tiny_bpe_json()
+    assert vocab.alphabet(full) == {f"<0x{b:02X}>" for b in range(256)}
+    keep = vocab.kept_tokens(full, TEXTS[:2])
+    trimmed, old_ids = vocab.slice_tokenizer_json(full, keep)
+    assert len(old_ids) < len(full["model"]["vocab"])
+    assert vocab.inexact(full, trimmed, old_ids, TEXTS[:2]) == []
+    small = vocab.backend(trimmed)
+    for text in TEXTS[2:] + UNSEEN:
+        assert small.decode(small.encode(text).ids) == text
+
+
 def test_trimmed_model_decodes_like_the_full_one_on_kept_tokens_and_never_outside(tiny_model_dir):
     full = _loaded(tiny_model_dir)
     examples = _examples(2)

@@ -110,7 +110,10 @@ def plan(tokenizer: Any, texts: list[str], *, keep_first: int = 0, extra_ids: tu
          ) -> tuple[dict[str, Any], list[int]]:
     """(trimmed tokenizer.json, old id of every new id) for a transformers fast tokenizer; no model
     needed, so a size predictor can ask `len(old_ids)` (the trimmed vocab_size) cheaply."""
-    big = tokenizer.backend_tokenizer
+    big = getattr(tokenizer, "backend_tokenizer", None)
+    if big is None:
+        raise ModelError(f"trim_vocab: the processor's tokenizer ({type(tokenizer).__name__}) has no tokenizer.json "
+                         "(not a fast tokenizer); save the model with a fast tokenizer or export without trim_vocab")
     full = json.loads(big.to_str())
     if big.padding or big.truncation:  # transformers left call settings on it: encode with a clean copy
         big = vocab.backend(full)
