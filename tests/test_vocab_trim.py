@@ -171,7 +171,7 @@ def test_trimmed_export_reloads_and_decodes_like_the_trimmed_model(tmp_path, tin
     reloaded = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(out)).eval()
     processor = transformers.AutoProcessor.from_pretrained(str(out))
     assert arch.vocab_size(reloaded) == reloaded.config.text_config.vocab_size == trim["kept_tokens"] < 2000
-    assert trim["vocab_size_before"] == 151680 and trim["source"] == "vocab"
+    assert trim["vocab_size_before"] == 151680 and trim["source"] == "vocab options"
     assert trim["parameters"]["after"] == sum(p.numel() for p in reloaded.parameters()) < trim["parameters"]["before"]
     assert processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>") == reloaded.config.audio_token_index
     assert reloaded.generation_config.eos_token_id == [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -198,7 +198,7 @@ def test_trim_then_int8_and_sizes_predict_the_trimmed_vocab(tmp_path, tiny_model
     out = export.run(_cfg(tmp_path, tiny_model_dir, "int8", dtype="bfloat16", quantize="int8", keep_unquantized=()),
                      progress=False)
     manifest = read_manifest(out)
-    assert manifest["reload_check"]["identical"] and manifest["vocab"]["source"] == "vocab"
+    assert manifest["reload_check"]["identical"] and manifest["vocab"]["source"] == "vocab options"
     reloaded = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(out))
     assert type(arch.lm_head(reloaded)).__name__ == "Linear8bitLt"
     assert arch.lm_head(reloaded).weight.shape[0] == arch.vocab_size(reloaded) == manifest["vocab"]["kept_tokens"]
@@ -212,7 +212,7 @@ def test_trim_then_int8_and_sizes_predict_the_trimmed_vocab(tmp_path, tiny_model
     assert untrimmed["decoder_layers"] == predicted["decoder_layers"]
 
 
-def test_kept_texts_default_to_the_training_data_upstream_and_bad_input_fails_early(tmp_path, tiny_model_dir):
+def test_kept_texts_default_to_the_training_data_upstream_and_bad_input_fails_early(tmp_path, tiny_model_dir, capsys):
     finetune = {"stage": "finetune", "config": {"datasets": [
         {"data": {"dataset": "builtin", "target_lang": "de"}}, {"distilled": str(DISTILL)}]}}
     found = vocab_trim.kept_texts(VocabConfig(), [finetune])
@@ -223,9 +223,14 @@ def test_kept_texts_default_to_the_training_data_upstream_and_bad_input_fails_ea
     assert len(found.texts) == len(set(found.texts))
     with pytest.raises(ConfigError, match="no finetune manifest upstream of the input records its training data"):
         export.run(_cfg(tmp_path, tiny_model_dir, "none", vocab=VocabConfig()), progress=False)
-    with pytest.raises(ConfigError, match=r"vocab \(vocab.datasets\[0\]\).*nope.jsonl"):
+    with pytest.raises(ConfigError, match=r"vocab \(vocab.references\).*nope.jsonl"):
         export.run(_cfg(tmp_path, tiny_model_dir, "bad", vocab=VocabConfig(references=(str(tmp_path / "nope.jsonl"),))),
                    progress=False)
+    from stcompress import cli
+
+    code = cli.main(["export", "--input", str(tiny_model_dir), "--trim-vocab", "--vocab.distilled", str(tmp_path / "kd"),
+                     "--output", str(tmp_path / "cli"), "-q"])
+    assert code == 2 and f"vocab.distilled: {tmp_path / 'kd'} does not exist" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="vocab: set only with trim_vocab"):
         load_config(ExportConfig, {"input": "x", "vocab": {"distilled": "d"}})
-    assert not any((tmp_path / n).exists() for n in ("none", "bad"))
+    assert not any((tmp_path / n).exists() for n in ("none", "bad", "cli"))

@@ -44,16 +44,18 @@ class KeptTexts:
     texts: list[str]
     sources: list[dict[str, Any]] = field(default_factory=list)  # {"kind", "name", "texts"}
     inputs: dict[str, Any] = field(default_factory=dict)  # identities, for the manifest
-    origin: str = "vocab"  # "vocab" (given) or "training data upstream"
+    origin: str = "vocab options"  # or "training data upstream" (the finetune manifests' sources)
 
 
 def _mixes(cfg: VocabConfig, finetunes: list[dict[str, Any]], data: DataConfig | None
            ) -> tuple[list[tuple[str, DatasetMix]], str]:
     data = data or DataConfig()
-    given = [*cfg.datasets, *(DatasetMix(distilled=d) for d in cfg.distilled),
-             *(DatasetMix(data=dataclasses.replace(data, dataset=d, format="auto", limit=None)) for d in cfg.references)]
+    given = [*((f"vocab.datasets[{i}]", m) for i, m in enumerate(cfg.datasets)),
+             *(("vocab.distilled", DatasetMix(distilled=d)) for d in cfg.distilled),
+             *(("vocab.references", DatasetMix(data=dataclasses.replace(data, dataset=d, format="auto", limit=None)))
+               for d in cfg.references)]
     if given:
-        return [(f"vocab.datasets[{i}]", m) for i, m in enumerate(given)], "vocab"
+        return given, "vocab options"
     found: list[tuple[str, DatasetMix]] = []
     for manifest in finetunes:
         config = manifest.get("config") or {}

@@ -121,7 +121,7 @@ def _vocab(info: CardInfo) -> Iterator[str]:
     yield "## Vocabulary"
     yield ""
     yield (f"Trimmed to **{v['kept_tokens']:,}** of {v['vocab_size_before']:,} embedding / LM-head rows: the tokens of "
-           f"{v['texts']:,} texts from the {v['source']} ({sources}) and the prompt, plus {v['safety']}, "
+           f"{v['texts']:,} distinct texts (the prompt and {sources}; from the {v['source']}), plus {v['safety']}, "
            "closed under the BPE merges. Every one of those texts encodes exactly as with the full vocabulary; any "
            "other text still encodes (byte by byte at worst). The model cannot emit a token outside this vocabulary.")
     yield ""
