@@ -528,6 +528,20 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class VocabConfig:
+    """`export --trim-vocab`: the texts whose tokens are kept (stcompress.vocab_trim)."""
+
+    # Each entry's references (`data`) or a distill output's KD targets and teacher outputs
+    # (`distilled`), as in finetune's `datasets` (YAML). All three empty: the training data the
+    # finetune manifests upstream of the input record.
+    datasets: tuple[DatasetMix, ...] = ()
+    distilled: tuple[str, ...] = ()  # distill output directories (the command-line form of datasets)
+    # datasets (as data.dataset) whose references are kept, read with the export's other data options
+    references: tuple[str, ...] = ()
+    keep_first: int = 0  # also keep the N lowest token ids (the BPE's most frequent pieces): a margin for unseen text
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """Merge LoRA in full precision, save, optionally quantize to NF4, prove the result reloads."""
 
@@ -549,6 +563,9 @@ class ExportConfig:
     check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
     check_max_new_tokens: int = 16  # reload check: tokens decoded per segment
     check_min_agreement: float = 1.0  # nf4 reload check: greedy token agreement required (1.0 = exact)
+    # Keep only the tokens of the target language's texts (vocab), slice embedding and LM head; before quantizing
+    trim_vocab: bool = False
+    vocab: VocabConfig = field(default_factory=VocabConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
@@ -570,6 +587,11 @@ class ExportConfig:
             out.append("check_segments: must be at least 1 (every export is reload-checked)")
         if not 0 < self.check_min_agreement <= 1:
             out.append("check_min_agreement: must be in (0, 1]; 1.0 requires identical greedy output")
+        if self.vocab.keep_first < 0:
+            out.append("vocab.keep_first: must not be negative (0 keeps no margin)")
+        if not self.trim_vocab and (self.vocab.datasets or self.vocab.distilled or self.vocab.references
+                                    or self.vocab.keep_first):
+            out.append("vocab: set only with trim_vocab; add --trim-vocab or drop the vocab options")
         return out
 
 

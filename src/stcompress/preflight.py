@@ -75,6 +75,18 @@ def inputs(cfg: Any) -> Iterator[tuple[str, str, Callable[[str, str], str | None
             yield f"datasets[{i}].distilled", mix.distilled, lambda item, v: output_problem(item, v, "a distill output")
         else:
             yield f"datasets[{i}].data.dataset", mix.data.dataset, lambda item, v, f=mix.data.format: dataset_problem(item, v, f)
+    vocab = getattr(cfg, "vocab", None)
+    if vocab is not None and getattr(cfg, "trim_vocab", False):  # export --trim-vocab's text sources
+        for i, mix in enumerate(vocab.datasets):
+            if mix.distilled:
+                yield f"vocab.datasets[{i}].distilled", mix.distilled, lambda item, v: output_problem(item, v, "a distill output")
+            else:
+                yield (f"vocab.datasets[{i}].data.dataset", mix.data.dataset,
+                       lambda item, v, f=mix.data.format: dataset_problem(item, v, f))
+        for value in vocab.distilled:
+            yield "vocab.distilled", value, lambda item, v: output_problem(item, v, "a distill output")
+        for value in vocab.references:
+            yield "vocab.references", value, dataset_problem
     dev = getattr(cfg, "dev", None)
     if dev is not None and dev.dataset not in ("auto", "none"):
         yield "dev.dataset", dev.dataset, dataset_problem

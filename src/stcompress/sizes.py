@@ -9,6 +9,7 @@ scale and a zero per group in the compute dtype. Safetensors headers are not pre
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -37,8 +38,16 @@ def _linear_bytes(fmt: str, bits: int, out_f: int, in_f: int, dtype: str, group_
     return packed + 2 * groups * d + meta
 
 
-def predict(config: Any, fmt: str, chosen: Mapping[str, int], dtype: str, group_size: int = 64) -> dict[str, int]:
-    """Bytes per component (arch.COMPONENTS) and their total, for `chosen` bits per component."""
+def predict(config: Any, fmt: str, chosen: Mapping[str, int], dtype: str, group_size: int = 64, *,
+            vocab_size: int | None = None) -> dict[str, int]:
+    """Bytes per component (arch.COMPONENTS) and their total, for `chosen` bits per component.
+
+    `vocab_size`: embedding and LM-head rows after `export --trim-vocab` (vocab_trim.plan gives the
+    kept count); None: the config's own. A tied head is counted once, as safetensors stores it.
+    """
+    if vocab_size is not None:
+        config = copy.deepcopy(config)
+        arch.text_config(config).vocab_size = vocab_size
     with torch.device("meta"):
         model = transformers.Qwen2AudioForConditionalGeneration._from_config(config)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -42,6 +42,17 @@ def read_distilled(directory: str | Path) -> tuple[list[dict[str, Any]], dict[st
     return rows, manifest
 
 
+def distilled_texts(directory: str | Path) -> list[str]:
+    """The KD targets (examples.jsonl) and every raw teacher output (hypotheses.jsonl, filtered
+    ones included) of a distill output, without reading audio: what `export --trim-vocab` keeps."""
+    directory = Path(directory)
+    rows, _ = read_distilled(directory)
+    texts = [r["target"] for r in rows]
+    if (directory / "hypotheses.jsonl").is_file():
+        texts += [r["hypothesis"] for r in read_jsonl(directory / "hypotheses.jsonl") if r.get("hypothesis")]
+    return texts
+
+
 def distill_data_config(manifest: dict[str, Any], directory: Path) -> DataConfig:
     """The DataConfig the teacher translated; a relative dataset path that no longer resolves
     from here falls back to the absolute path recorded among the manifest's inputs."""

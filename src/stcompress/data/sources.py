@@ -55,13 +55,28 @@ def load_examples(cfg: DataConfig, *, on_error: str = "fail", require_references
     (unknown column, no rows, duplicate ids, unknown language) always raise.
     """
     _check_options(cfg, on_error)
+    return build_examples(_table(cfg), cfg, on_error=on_error, require_references=require_references)
+
+
+def _table(cfg: DataConfig) -> Table:
     kind = resolve_format(cfg)
     if kind == "hf":
-        dataset = load_hf_dataset(cfg.dataset, cfg.hf_config, cfg.split)
-        return examples_from_hf(dataset, cfg, on_error=on_error, require_references=require_references, name=cfg.dataset)
+        return hf_table(load_hf_dataset(cfg.dataset, cfg.hf_config, cfg.split), cfg, name=cfg.dataset)
     path = builtin_manifest_path(cfg.dataset) if kind == "builtin" else Path(cfg.dataset).expanduser()
-    table = read_manifest(path, "tsv" if kind == "tsv" else "jsonl", name=cfg.dataset if kind == "builtin" else None)
-    return build_examples(table, cfg, on_error=on_error, require_references=require_references)
+    return read_manifest(path, "tsv" if kind == "tsv" else "jsonl", name=cfg.dataset if kind == "builtin" else None)
+
+
+def reference_texts(cfg: DataConfig) -> list[str]:
+    """Every reference of the examples `cfg` selects (split part, limit), without reading audio:
+    the texts `export --trim-vocab` keeps the tokens of."""
+    _check_options(cfg, "fail")
+    table = _table(cfg)
+    if table.n_rows == 0:
+        raise DataError(f"{table.name}: the dataset has no rows; check the file or the split name (data.split)")
+    cols = _resolve_columns(table, cfg, require_references=True)
+    indices = select_subset(table.n_rows, cfg.subset, cfg.test_size, cfg.dev_size, cfg.split_seed)
+    values = table.values(cols.reference)
+    return [ref for i in indices[: cfg.limit] for ref in _references(values[i], cols.reference)]
 
 
 def resolve_format(cfg: DataConfig) -> str:
@@ -363,20 +378,23 @@ def examples_from_hf(dataset: Any, cfg: DataConfig, *, on_error: str = "fail", r
     Audio columns are cast to `Audio(decode=False)`: datasets >= 4 would decode with
     torchcodec/FFmpeg; we decode the stored bytes (or file) with soundfile instead.
     """
+    return build_examples(hf_table(dataset, cfg, name=name), cfg, on_error=on_error, require_references=require_references)
+
+
+def hf_table(dataset: Any, cfg: DataConfig, *, name: str | None = None) -> Table:
     datasets = _import_datasets()
     name = name or "dataset"
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{name}: got several splits ({', '.join(dataset)}); pick one with data.split")
     if isinstance(dataset.features.get(cfg.audio_column), datasets.Audio):
         dataset = dataset.cast_column(cfg.audio_column, datasets.Audio(decode=False))
-    table = Table(
+    return Table(
         name=name,
         columns=list(dataset.column_names),
         n_rows=len(dataset),
         values=lambda col: list(dataset[col]),
         cell=lambda i, col: dataset[i][col],
     )
-    return build_examples(table, cfg, on_error=on_error, require_references=require_references)
 
 
 def _import_datasets() -> Any:

@@ -67,6 +67,73 @@ def lm_head(model: nn.Module) -> nn.Linear:
     return head if head is not None else model.lm_head
 
 
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the token embedding (the ids the model can read and, through the LM head, emit)."""
+    return embed_tokens(model).weight.shape[0]
+
+
+def tied_head(model: nn.Module) -> bool:
+    """The LM head shares the embedding's weight (Gemma 3; Qwen2-Audio-7B is untied)."""
+    return lm_head(model).weight is embed_tokens(model).weight
+
+
+_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def slice_vocab(model: nn.Module, old_ids: Sequence[int]) -> dict[int, int]:
+    """Keep only the rows `old_ids` of the token embedding and LM head, in place: new id i is old
+    id old_ids[i]. The LM head then scores kept tokens only, so decoding cannot emit another id.
+
+    The configs' vocab_size, audio token index, bos/eos/pad ids and the generation config's ids
+    move to the new ids (an id outside the kept set is an error, naming the key). A tied head stays
+    tied. Returns old id -> new id.
+    """
+    emb, head = embed_tokens(model), lm_head(model)
+    old_size, tied = vocab_size(model), tied_head(model)
+    new_id = {old: new for new, old in enumerate(old_ids)}
+    if len(new_id) != len(old_ids) or not old_ids or min(old_ids) < 0 or max(old_ids) >= old_size:
+        raise ModelError(f"trim_vocab: kept ids must be distinct and in 0..{old_size - 1}")
+    config = model.config
+    targets = [(config, "audio_token_index"), *((text_config(config), k) for k in _ID_KEYS),
+               *((config, k) for k in _ID_KEYS), *((model.generation_config, k) for k in _ID_KEYS)]
+    remapped = [(obj, key, _remap_id(getattr(obj, key, None), new_id, key)) for obj, key in targets]
+    index = torch.tensor(list(old_ids), dtype=torch.long)
+    with torch.no_grad():
+        emb.weight = nn.Parameter(emb.weight.detach()[index.to(emb.weight.device)].clone(), requires_grad=emb.weight.requires_grad)
+        emb.num_embeddings = len(old_ids)
+        if emb.padding_idx is not None:
+            emb.padding_idx = new_id.get(emb.padding_idx)
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight = nn.Parameter(head.weight.detach()[index.to(head.weight.device)].clone(),
+                                       requires_grad=head.weight.requires_grad)
+        if getattr(head, "bias", None) is not None:
+            head.bias = nn.Parameter(head.bias.detach()[index.to(head.bias.device)].clone())
+        head.out_features = len(old_ids)
+    for obj, key, value in remapped:
+        if getattr(obj, key, None) is not None:
+            setattr(obj, key, value)
+    text_config(config).vocab_size = len(old_ids)
+    for module in (model, *model.modules()):
+        if getattr(module, "vocab_size", None) == old_size:
+            module.vocab_size = len(old_ids)
+        if isinstance(getattr(module, "pad_token_id", None), int) and module.pad_token_id >= 0 and module is not emb:
+            module.pad_token_id = new_id.get(module.pad_token_id, -1)
+    return new_id
+
+
+def _remap_id(value: Any, new_id: dict[int, int], key: str) -> Any:
+    if value is None or (isinstance(value, int) and value < 0):
+        return value
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    missing = [i for i in ids if i not in new_id]
+    if missing:
+        raise ModelError(f"trim_vocab: {key} {missing[0]} is not among the kept tokens; keep it (it is a special token id)")
+    out = [new_id[i] for i in ids]
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
 def text_config(model_or_config: Any) -> Any:
     config = getattr(model_or_config, "config", model_or_config)
     return config.text_config

@@ -35,6 +35,7 @@ class CardInfo:
     training: dict[str, Any] | None = None  # the finetune manifest, when there is one
     scores: dict[str, Any] | None = None  # an evaluate scores.json
     extra_tags: list[str] = field(default_factory=list)
+    vocab: dict[str, Any] | None = None  # the vocab_trim record, when the vocabulary was trimmed
 
 
 def public(value: object) -> str:
@@ -107,6 +108,34 @@ def _precision(info: CardInfo) -> Iterator[str]:
     yield "|---|---:|---|"
     for name, bits in precision["bits"].items():
         yield f"| {name} | {bits if bits != 16 else info.model.get('dtype', '16')} | {precision['stored_as'][name]} |"
+    yield ""
+
+
+def _vocab(info: CardInfo) -> Iterator[str]:
+    """What `export --trim-vocab` kept, from where, and what it saved."""
+    v = info.vocab
+    if not v:
+        return
+    sources = ", ".join(f"`{public(s['name'])}` ({s['kind']}, {s['texts']} texts)" for s in v.get("sources", []))
+    size = v.get("bytes") or {}
+    yield "## Vocabulary"
+    yield ""
+    yield (f"Trimmed to **{v['kept_tokens']:,}** of {v['vocab_size_before']:,} embedding / LM-head rows: the tokens of "
+           f"{v['texts']:,} distinct texts (the prompt and {sources}; from the {v['source']}), plus {v['safety']}, "
+           "closed under the BPE merges. Every one of those texts encodes exactly as with the full vocabulary; any "
+           "other text still encodes (byte by byte at worst). The model cannot emit a token outside this vocabulary.")
+    yield ""
+    yield "| | before | after |"
+    yield "|---|---:|---:|"
+    yield f"| vocabulary rows | {v['vocab_size_before']:,} | {v['vocab_size_after']:,} |"
+    yield f"| parameters | {v['parameters']['before']:,} | {v['parameters']['after']:,} |"
+    if size:
+        yield f"| bytes (this format; before: predicted) | {size['before_predicted']:,} | {size['after']:,} |"
+    check = v.get("vs_untrimmed") or {}
+    if check:
+        yield ""
+        yield (f"Greedy output against the untrimmed model on {check['segments']} check segments: "
+               f"{check['identical_segments']} identical, token agreement {check['token_agreement']:.4f}.")
     yield ""
 
 
@@ -216,6 +245,7 @@ def render_card(info: CardInfo) -> str:
         lines += ["## Training", ""] + training + [""]
     lines += ["## Size on disk per component", ""] + list(_sizes(info)) + [""]
     lines += list(_precision(info))
+    lines += list(_vocab(info))
     if info.scores:
         lines += ["## Scores", ""] + list(_scores(info)) + [""]
     lines += ["## Usage", ""] + _usage(info) + [""]

@@ -43,7 +43,7 @@ from stcompress.model import arch
 from stcompress.model.card import CardInfo, render_card
 from stcompress.model.load import LoadedModel, check_model_dir, load_model, quantization_config, resolve_model_path
 from stcompress.model.save import reload_check, save_model
-from stcompress import quantize
+from stcompress import quantize, sizes as size_model, vocab_trim
 from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.translate import Hypothesis, Translator
@@ -196,6 +196,7 @@ def lineage(source: Source) -> dict[str, Any]:
                 found[key] = manifest[key]
         if manifest.get("stage") == "finetune":
             found.setdefault("finetune", manifest)  # what the model was trained on, for the card
+            found.setdefault("finetunes", []).append(manifest)  # every training run: trim_vocab's texts
         base = manifest.get("base_model") or ((manifest.get("config") or {}).get("model") or {}).get("path")
         if not base or base in seen:
             break
@@ -399,6 +400,34 @@ def _checked(quantized: LoadedModel, out: Path, examples: Sequence[Example], cfg
     return quantized, check
 
 
+def trim_vocabulary(loaded: LoadedModel, found: vocab_trim.KeptTexts, examples: Sequence[Example], cfg: ExportConfig,
+                    prompt: str) -> dict[str, Any]:
+    """Trim before quantizing; the record says how the trimmed model's greedy output compares with
+    the untrimmed one's on the check segments (equal whenever the untrimmed tokens are all kept)."""
+    before = _translate(loaded, examples, cfg)
+    record = vocab_trim.trim_model(loaded, [*found.texts, prompt], keep_first=cfg.vocab.keep_first)
+    after = _translate(loaded, examples, cfg)
+    identical = sum(a.text == b.text for a, b in zip(before, after))
+    record |= {"source": found.origin, "sources": found.sources, "vs_untrimmed": {
+        "segments": len(examples), "identical_segments": identical,
+        "token_agreement": round(token_agreement(before, after, loaded.processor.tokenizer), 6)}}
+    if identical < len(examples):
+        log.warning("trim_vocab: %d of %d check segments decode differently after trimming (the untrimmed model "
+                    "picked tokens outside the kept set)", len(examples) - identical, len(examples))
+    return record
+
+
+def _trim_sizes(trim: dict[str, Any], out: Path, cfg: ExportConfig, measured: int) -> dict[str, Any]:
+    """Bytes of this export's format before trimming (predicted: stcompress.sizes) and after (on disk)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+    predict = lambda rows: size_model.predict(config, cfg.quantize, chosen, cfg.dtype, cfg.group_size, vocab_size=rows)  # noqa: E731
+    return {"before_predicted": predict(trim["vocab_size_before"])["total"],
+            "after_predicted": predict(trim["vocab_size_after"])["total"], "after": measured}
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -432,32 +461,39 @@ def _target_lang(source: Source, cfg: ExportConfig) -> str:
     return data.get("target_lang") or cfg.data.target_lang if isinstance(data, dict) else cfg.data.target_lang
 
 
+def _prompt(source: Source, cfg: ExportConfig, loaded: LoadedModel) -> str:
+    return (source.manifest or {}).get("prompt") or PromptBuilder(loaded.processor, cfg.prompt).render(_target_lang(source, cfg))
+
+
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
-                   check: dict[str, Any], timings: dict[str, float], parameters: int | None = None) -> dict[str, Any]:
+                   check: dict[str, Any], timings: dict[str, float], parameters: int | None = None,
+                   trim: dict[str, Any] | None = None, trim_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model card and manifest beside the weights; returns the model description."""
     scores = _scores(cfg)
     lang = _target_lang(source, cfg)
     model = describe(loaded, cfg, quantized=cfg.quantize != "none", parameters=parameters)
     sizes = component_bytes(out)
-    prompt = (source.manifest or {}).get("prompt") or PromptBuilder(loaded.processor, cfg.prompt).render(lang)
+    prompt = _prompt(source, cfg, loaded)
+    if trim is not None:
+        trim["bytes"] = _trim_sizes(trim, out, cfg, sizes["total"])
     tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize == "nf4", cfg.quantize: cfg.quantize in ("int8", "hqq"),
-            "lora-merged": source.adapter is not None}
+            "lora-merged": source.adapter is not None, "vocab-trimmed": trim is not None}
     card = CardInfo(
         name=Path(cfg.output).name, target_lang=lang, base_model=origin["original_model"], upstream=origin["upstream"],
         model=model, sizes=sizes, reload_check=check, prompt=prompt, removed_layers=origin.get("removed_layers"),
         layer_map=origin.get("layer_map"), training=origin.get("finetune"), scores=scores,
-        extra_tags=[t for t, on in tags.items() if on],
+        extra_tags=[t for t, on in tags.items() if on], vocab=trim,
     )
     atomic_write_text(out / CARD, render_card(card))
     manifest = build_manifest(
-        "export", to_dict(cfg), _inputs(source), timings,
+        "export", to_dict(cfg), _inputs(source) | (trim_inputs or {}), timings,
         source={"kind": source.kind, "model": source.model_path, "adapter": str(source.adapter) if source.adapter else None},
         base_model=source.root, original_model=origin["original_model"], upstream=origin["upstream"],
         removed_layers=origin.get("removed_layers"), layer_map=origin.get("layer_map"),
         encoder_layer_map=origin.get("encoder_layer_map"), target_lang=lang, prompt=prompt,
         prompt_config=origin.get("prompt_config"),
         model=model | {"path": str(Path(cfg.output).resolve()), "bytes_on_disk": sizes["total"]},
-        size=sizes, reload_check=check, scores=(scores or {}).get("scores"),
+        size=sizes, reload_check=check, scores=(scores or {}).get("scores"), vocab=trim,
     )
     atomic_write_json(out / MANIFEST, manifest)
     return model
@@ -473,12 +509,16 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     _scores(cfg)  # fail on a bad --scores before loading anything
     examples = check_examples(cfg)
     origin = lineage(source)
+    kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
     if source.adapter is not None:
         merge_adapter(loaded, source.adapter)
     timings = {"load_and_merge": time.perf_counter() - t0}
     with staged_output(cfg.output) as out:
         t1 = time.perf_counter()
+        trim = trim_vocabulary(loaded, kept, examples, cfg, _prompt(source, cfg, loaded)) if kept else None
+        if trim is not None:
+            timings["trim_vocab"] = time.perf_counter() - t1
         parameters = count_parameters(loaded.model)
         if cfg.quantize != "none":
             loaded, check = export_nf4(loaded, out, examples, cfg)
@@ -488,7 +528,8 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
                                  generation=cfg.generation)
         timings["save_and_check"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
-        model = _write_records(out, cfg, source, origin, loaded, check, timings, parameters)
+        model = _write_records(out, cfg, source, origin, loaded, check, timings, parameters, trim,
+                               kept.inputs if kept else None)
     log.info("exported %s (%s, %d decoder layers, %s) -> %s", source.kind, model["weights"], model["decoder_layers"],
              f"{weight_bytes(cfg.output) / 1e9:.3f} GB", cfg.output)
     return Path(cfg.output)
