@@ -1,0 +1,150 @@
+"""CPU rebuild of testbed systems from the base model + collected artifacts (issue 10, point 5).
+
+The real chain runs on the tiny smoke testbed (benchmarks/testbed/smoke_cpu.py's base: a tiny
+Gemma 3 in the testbed's pack -> model path): projector warm-up with the LM frozen, LoRA teacher,
+fp32 merge, importance, prune, QLoRA heal, fp32 merge. collect_artifacts packs what the GPU driver
+keeps (adapters cast to fp16); `rebuild` must give back the teacher and final25 the pipeline made:
+the same greedy translations, and weights within the fp16 rounding of the adapters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stcompress import cli
+from stcompress.errors import ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {"epochs": 1, "max_steps": 2, "batch_size": 2, "lr": 0.05, "warmup_steps": 0, "weight_decay": 0.0,
+         "freeze_audio_tower": True, "cache_audio": True, "mixed_precision": "no", "log_every": 1}
+DATA = {"dataset": "builtin:demo-train", "limit": 4}
+CHECK = {"dataset": "builtin:demo-dev", "limit": 2}
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "testbed" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recipe(base: Path, run_dir: Path) -> dict:
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False}
+    return {
+        "run_dir": str(run_dir),
+        "defaults": {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
+                     "generation": {"max_new_tokens": 6, "batch_size": 4}},
+        "stages": [
+            {"name": "align", "stage": "finetune", "config": {
+                "mode": "full", "model": {"path": str(base)}, "data": DATA, "dev": {"dataset": "none"},
+                "train": TRAIN | {"freeze_language_model": True, "save_dtype": "float32"}}},
+            {"name": "teacher", "stage": "finetune", "config": {
+                "mode": "lora", "model": {"path": "${align.model}"}, "data": DATA, "dev": {"dataset": "none"},
+                "lora": lora, "train": TRAIN}},
+            {"name": "teacher-merged", "stage": "export", "config": {"input": "${teacher}", "dtype": "float32", "data": CHECK}},
+            {"name": "importance", "stage": "importance", "config": {
+                "model": {"path": "${teacher-merged}"}, "data": CHECK, "rounds": 2, "generation": {"max_new_tokens": 4}}},
+            {"name": "prune25", "stage": "prune", "config": {
+                "importance": "${importance}", "num_layers": 2, "model": {"path": "${teacher-merged}"}, "data": CHECK}},
+            {"name": "heal25", "stage": "finetune", "config": {
+                "mode": "qlora", "model": {"path": "${prune25}"}, "data": DATA, "dev": {"dataset": "none"},
+                "lora": lora | {"keep_unquantized": ["lm_head", "audio_tower"]}, "train": TRAIN}},
+            {"name": "export25", "stage": "export", "config": {"input": "${heal25}", "dtype": "float32", "data": CHECK}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")  # QLoRA healing, as on the GPU (extra `quant`, installed by CI)
+    root = tmp_path_factory.mktemp("rebuild")
+    sys.path.insert(0, str(ROOT / "tests"))
+    base = _script("smoke_cpu").tiny_base(root / "model")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(base, root / "run")))
+    assert cli.main(["run", str(recipe), "-q"]) == 0
+    collect = _script("collect_artifacts")
+    packed = collect.pack(collect.collect(root / "run", []), root / "out", "testbed-tiny")
+    artifacts = root / "artifacts"
+    for f in packed:
+        with tarfile.open(f) as tar:
+            tar.extractall(artifacts, filter="data")
+    return base, root / "run", artifacts
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    return Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).state_dict()
+
+
+def _translate(model: Path, out: Path) -> list[str]:
+    assert cli.main(["translate", "--model.path", str(model), "--model.device", "cpu", "--data.dataset", "builtin:demo-test",
+                     "--data.limit", "4", "--generation.max-new-tokens", "8", "--output", str(out), "-q"]) == 0
+    return [json.loads(l)["hypothesis"] for l in (out / "hypotheses.jsonl").read_text().splitlines()]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_collected_artifacts_are_small_and_fp16(pipeline):
+    from safetensors import safe_open
+
+    _, run, artifacts = pipeline
+    assert (artifacts / "projector.safetensors").is_file() and not list(artifacts.glob("*/model"))
+    with safe_open(str(artifacts / "projector.safetensors"), "pt") as f:
+        assert f.metadata()["stage"] == "align" and all("multi_modal_projector." in k for k in f.keys())
+    for stage in ("teacher", "heal25"):
+        with safe_open(str(artifacts / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((artifacts / "prune25" / "manifest.json").read_text())["removed_layers"]
+    assert (artifacts / "importance" / "removal_order.json").is_file() and (artifacts / "importance" / "hypotheses").is_dir()
+    assert not [p for p in artifacts.rglob("*.safetensors") if p.name not in ("adapter_model.safetensors", "projector.safetensors")]
+
+
+@pytest.mark.parametrize("system, made", [("teacher", "teacher-merged"), ("final25", "export25")])
+def test_rebuild_on_cpu_matches_what_the_pipeline_made(pipeline, tmp_path, system, made):
+    from stcompress.testbed.model import NOTICE
+
+    base, run, artifacts = pipeline
+    out = tmp_path / system
+    assert cli_rebuild(base, artifacts, system, out) == 0
+    assert (out / "NOTICE").read_text() == NOTICE
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rebuilt"]["stage"] == made and "NOTICE" in manifest["files"]
+    rebuilt, original = _state(out), _state(run / made)
+    # the adapters' fp16 rounding is all that differs; the merge itself moved the weights far more
+    before = _state(run / "align" / "model") if system == "teacher" else _state(run / "prune25")
+    moved = _max_diff(original, before)
+    assert moved > 1e-3 and _max_diff(rebuilt, original) < 1e-2 * moved
+    if system == "final25":
+        assert manifest["removed_layers"] == json.loads((artifacts / "prune25" / "manifest.json").read_text())["removed_layers"]
+    assert _translate(out, tmp_path / "hyp-rebuilt") == _translate(run / made, tmp_path / "hyp-pipeline")
+
+
+def cli_rebuild(base, artifacts, system, out):
+    from stcompress.testbed.__main__ import main
+
+    return main(["rebuild", "--base", str(base), "--artifacts", str(artifacts), "--system", system, "--out", str(out)])
+
+
+def test_rebuild_refuses_bad_input_in_one_line(pipeline, tmp_path, capsys):
+    base, _, artifacts = pipeline
+    assert cli_rebuild(base, artifacts, "final99", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "system: 'final99' has no manifest" in err and "final25" in err and not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    assert cli_rebuild(base, artifacts, "teacher", tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_rebuild(tmp_path, artifacts, "teacher", tmp_path / "y") == 2
+    assert "is not a model directory" in capsys.readouterr().err
