@@ -97,6 +97,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # the pipeline fixture runs 7 real stages: ~1.5 min on 2 idle cores, ~4 under load
 def test_collected_artifacts_are_small_and_fp16(pipeline):
     from safetensors import safe_open
 
@@ -112,6 +113,7 @@ def test_collected_artifacts_are_small_and_fp16(pipeline):
     assert not [p for p in artifacts.rglob("*.safetensors") if p.name not in ("adapter_model.safetensors", "projector.safetensors")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system, made", [("teacher", "teacher-merged"), ("final25", "export25")])
 def test_rebuild_on_cpu_matches_what_the_pipeline_made(pipeline, tmp_path, system, made):
     from stcompress.testbed.model import NOTICE
@@ -138,13 +140,24 @@ def cli_rebuild(base, artifacts, system, out):
     return main(["rebuild", "--base", str(base), "--artifacts", str(artifacts), "--system", system, "--out", str(out)])
 
 
-def test_rebuild_refuses_bad_input_in_one_line(pipeline, tmp_path, capsys):
-    base, _, artifacts = pipeline
+def test_rebuild_refuses_bad_input_in_one_line(tmp_path, capsys):
+    base, artifacts = tmp_path / "base", tmp_path / "artifacts"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (artifacts / "export25").mkdir(parents=True)
+    (artifacts / "export25" / "manifest.json").write_text(json.dumps({"stage": "export", "config": {"quantize": "nf4"}}))
+    (artifacts / "distill").mkdir()
+    (artifacts / "distill" / "manifest.json").write_text(json.dumps({"stage": "distill"}))
     assert cli_rebuild(base, artifacts, "final99", tmp_path / "x") == 2
     err = capsys.readouterr().err
     assert "system: 'final99' has no manifest" in err and "final25" in err and not (tmp_path / "x").exists()
     (tmp_path / "taken").mkdir()
-    assert cli_rebuild(base, artifacts, "teacher", tmp_path / "taken") == 2
+    assert cli_rebuild(base, artifacts, "final25", tmp_path / "taken") == 2
     assert "already exists" in capsys.readouterr().err
-    assert cli_rebuild(tmp_path, artifacts, "teacher", tmp_path / "y") == 2
+    assert cli_rebuild(tmp_path, artifacts, "final25", tmp_path / "y") == 2
     assert "is not a model directory" in capsys.readouterr().err
+    assert cli_rebuild(base, artifacts, "final25", tmp_path / "z") == 2
+    assert "a quantized (nf4) export" in capsys.readouterr().err
+    assert cli_rebuild(base, artifacts, "distill", tmp_path / "z") == 2
+    assert "a distill stage makes no model" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists() and not list(tmp_path.glob(".*"))

@@ -107,7 +107,7 @@ class Rebuilder:
     def _export(self, name: str, m: dict[str, Any], out: Path) -> Path:
         cfg = m.get("config") or {}
         if cfg.get("quantize", "none") != "none":
-            raise ModelError(f"{name}: a {cfg['quantize']} export; rebuild its input ({self.name_of(cfg.get('input'))}) and "
+            raise ModelError(f"{name}: a quantized ({cfg['quantize']}) export; rebuild its input ({self.name_of(cfg.get('input'))}) and "
                              "export that with stcompress export --quantize")
         source = self.name_of(cfg.get("input"))
         kind = (m.get("source") or {}).get("kind")
