@@ -145,6 +145,9 @@ def test_study_script_writes_markdown_and_json(logged, tmp_path):
     spec.loader.exec_module(mod)
     log, _ = logged
     mod.references = lambda log_, data: {f"s{i}": [r] for i, r in enumerate(REFS)}  # no dev manifest in this test
+    prune = log.directory.parent / "prune1"
+    prune.mkdir()
+    (prune / "manifest.json").write_text(json.dumps({"stage": "prune", "config": {"importance": "x"}, "removed_layers": [5]}))
     out = tmp_path / "study.md"
     assert mod.main([str(log.directory.parent), "--out", str(out), "--keep", "2"]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
@@ -152,5 +155,7 @@ def test_study_script_writes_markdown_and_json(logged, tmp_path):
     assert res["correlation"]["1"]["good"]["spearman"] == pytest.approx(1.0)
     names = [s["name"] for s in res["strategies"]]
     assert names == ["prefilter early, keep 2", "prefilter good, keep 2", "halving, eta 3", "halving, eta 2"]
+    by_name = {s["name"]: s for s in res["strategies"]}
+    assert by_name["prefilter good, keep 2"]["same_models"] == ["prune1"] and by_name["prefilter early, keep 2"]["same_models"] == []
     text = out.read_text()
     assert "| 1 | good | 5 | 1.000 | 1 | yes |" in text and "diverged at round 1" in text

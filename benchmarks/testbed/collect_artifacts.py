@@ -29,7 +29,8 @@ MAX_BYTES = 16_000_000
 MAX_FILES = 3
 BUDGET = 15_500_000  # per volume, by the sum of per-file compressed sizes
 SMALL = (".json", ".jsonl", ".tsv", ".txt", ".md", ".html", ".png", ".svg", ".yaml", ".log")
-SKIP_DIRS = {"model", "checkpoints", "audio", "cache"}
+SKIP_DIRS = {"model", "checkpoints", "audio", "cache"}  # and <stage>.checkpoints, staging dirs (.*)
+SKIP_FILES = {"tokenizer.json"}  # 2-5 MB in every model dir; the base model rebuilds it
 
 
 def _manifest(d: Path) -> dict:
@@ -87,7 +88,8 @@ def small_files(run: Path) -> dict[str, Path]:
     out = {}
     for f in sorted(run.rglob("*")):
         rel = f.relative_to(run)
-        if not f.is_file() or any(p in SKIP_DIRS or p.startswith(".") for p in rel.parts[:-1]) or f.name.startswith("."):
+        if not f.is_file() or f.name.startswith(".") or f.name in SKIP_FILES \
+                or any(p in SKIP_DIRS or p.startswith(".") or p.endswith(".checkpoints") for p in rel.parts[:-1]):
             continue
         if f.suffix in SMALL and f.stat().st_size <= 4_000_000:
             out[str(rel)] = f

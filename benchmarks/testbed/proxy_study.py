@@ -49,11 +49,25 @@ def references(log: LoggedSearch, data: Path | None) -> dict[str, list[str]] | N
     return {ex.id: list(ex.references) for ex in examples}
 
 
+def pruned_from(run_dir: Path) -> dict[str, int]:
+    """Prune stages of the run that cut the search's order: name -> how many of it they removed."""
+    out = {}
+    for d in sorted(run_dir.iterdir()) if (run_dir / "importance").is_dir() else []:
+        try:
+            m = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("stage") == "prune" and (m.get("config") or {}).get("importance"):
+            out[d.name] = len(m.get("removed_layers") or [])
+    return out
+
+
 def study(run_dir: Path, data: Path | None = None, keeps: tuple[int, ...] = (2, 3, 4, 8)) -> dict[str, Any]:
     log = load_search(importance_dir(run_dir))
     log.references = references(log, data)
     strategies, skipped = standard_strategies(log, keeps)
     rounds = len(log.removal_order)
+    prunes = pruned_from(run_dir)
     return {
         "importance": str(log.directory), "metric": log.metric, "dev_segments": log.total_segments,
         "removal_order": log.removal_order, "logged_approximations": log.approximations,
@@ -63,7 +77,8 @@ def study(run_dir: Path, data: Path | None = None, keeps: tuple[int, ...] = (2, 
         "correlation": {str(r): v for r, v in round_correlations(log).items()},
         "full_search": full_cost(log) | {"rounds": rounds},
         "not_replayed": skipped,
-        "strategies": [s.to_dict() | {"full_over_same_rounds": full_cost(log, s.diverged_at or rounds)} for s in strategies],
+        "strategies": [s.to_dict() | {"full_over_same_rounds": full_cost(log, s.diverged_at or rounds),
+                                      "same_models": [n for n, k in prunes.items() if s.same_prefix >= k]} for s in strategies],
     }
 
 
@@ -93,19 +108,21 @@ def markdown(res: dict[str, Any]) -> str:
               "seconds estimated from the logged per-candidate times (halving: scaled by the fraction of the dev set)."
               + ("" if res["proxy_seconds_logged"] else " The proxies' own cost was not logged by this search "
                  "(proxies.json 'seconds', logged since this study)."), "",
-              "| strategy | importance options | removal order | same as full | decodes (full) | decode s (full) | proxy s | note |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| strategy | importance options | removal order | same as full | same pruned models | decodes (full) | decode s (full) | proxy s | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in res["strategies"]:
         opts = ", ".join(f"{k}: {json.dumps(v)}" for k, v in s["config"].items())
         same = "yes" if s["same_as_full"] else f"first {s['same_prefix']}; diverged at round {s['diverged_at']}"
         base = s["full_over_same_rounds"]
-        lines.append(f"| {s['name']} | `{opts}` | {s['removal_order']} | {same} | {s['segment_equivalents']:g} "
+        lines.append(f"| {s['name']} | `{opts}` | {s['removal_order']} | {same} | {', '.join(s['same_models']) or '-'} | {s['segment_equivalents']:g} "
                      f"({base['evaluations']}) | {s['seconds']:.1f} ({base['seconds']:.1f}) | {_f(s['proxy_seconds'], '{:.1f}')} "
                      f"| {s['note']} |")
-    lines += [f"| {n.split(':')[0]} | | | not replayed: {n.split(':', 1)[1].strip()} | | | | |" for n in res["not_replayed"]]
+    lines += [f"| {n.split(':')[0]} | | | not replayed: {n.split(':', 1)[1].strip()} | | | | | |" for n in res["not_replayed"]]
     lines += ["", "Decodes count whole-dev-set equivalents (a halving rung on a third of the dev set counts 1/3). A strategy "
               "that diverged is exact up to its divergence: later rounds would need decodes nobody logged; its "
-              "models agree with the full search's for the first N removals shown ('first N')."]
+              "models agree with the full search's for the first N removals shown ('first N'). Same pruned models: the run's "
+              "prune stages that cut no more of the order than the replay reproduces (their test scores are the cheap "
+              "search's too)."]
     return "\n".join(lines) + "\n"
 
 
