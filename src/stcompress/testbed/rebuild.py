@@ -43,6 +43,16 @@ def stage_name(artifacts: Path, system: str) -> str:
                      f"{', '.join([*ALIASES, *known]) or '(none: is --artifacts the unpacked results folder?)'}")
 
 
+def recorded_stage(artifacts: Path, recorded: str | None) -> str | None:
+    """The stage a recorded path names (`<run_dir>/<stage>[/model|/adapter]`); None: the base model."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.name in ("model", "adapter"):
+        path = path.parent
+    return path.name if (artifacts / path.name / MANIFEST).is_file() else None
+
+
 class Rebuilder:
     """Rebuilds stages by name, each once, intermediates in `work`."""
 
@@ -56,13 +66,7 @@ class Rebuilder:
     # -- the chain ---------------------------------------------------------------------------
 
     def name_of(self, recorded: str | None) -> str | None:
-        """The stage a recorded path names (`<run_dir>/<stage>[/model|/adapter]`); None: the base model."""
-        if not recorded:
-            return None
-        path = Path(recorded)
-        if path.name in ("model", "adapter"):
-            path = path.parent
-        return path.name if (self.artifacts / path.name / MANIFEST).is_file() else None
+        return recorded_stage(self.artifacts, recorded)
 
     def manifest(self, name: str) -> dict[str, Any]:
         return read_manifest(self.artifacts / name)
