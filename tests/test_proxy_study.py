@@ -48,7 +48,10 @@ def _proxies():
     def early(removed, layers):
         return {l: -float(len({i for i in DAMAGE[l] if i < 4})) - 0.1 * l for l in layers}
 
-    return {"good": good, "early": early}
+    def late(removed, layers):  # "good" until the last round, then the highest index first (keeps 3 and 4)
+        return good(removed, layers) if len(removed) < 2 else {l: float(l) for l in layers}
+
+    return {"good": good, "early": early, "late": late}
 
 
 def _settings(**kw):
@@ -88,7 +91,7 @@ def test_full_search_and_correlations(logged):
     assert result.removal_order == [5, 2, 1] and log.removal_order == [5, 2, 1]
     corr = round_correlations(log)
     assert set(corr) == {1, 2, 3}
-    assert set(log.proxy_seconds) == {1, 2, 3} and set(log.proxy_seconds[1]) == {"good", "early"}  # timed per round
+    assert set(log.proxy_seconds) == {1, 2, 3} and set(log.proxy_seconds[1]) == {"good", "early", "late"}  # timed per round
     assert corr[1]["good"]["spearman"] == pytest.approx(1.0) and corr[1]["good"]["winner_rank"] == 1
     assert corr[1]["good"]["top1_is_winner"] and corr[1]["good"]["candidates"] == 5
     # "early" puts round 1's winner (layer 5, garbles segment 3) behind 1 and 3 (clean on the first 4)
@@ -108,6 +111,10 @@ def test_prefilter_replay_equals_the_real_prefiltered_search(logged, tmp_path):
     assert bad.diverged_at == 1 and bad.same_prefix == 0 and not bad.same_as_full
     assert bad.removal_order == order[:1] == [1] and "round 1 picks layer 1" in bad.note
     assert bad.evaluations == 2  # its round 1 only: round 2 would need decodes the full search never made
+    late = replay(log, "late 2", prefilter="late", keep=2)  # wrong only in the last round: no later call to fail
+    order, _ = _real(tmp_path, "late", prefilter="late", prefilter_keep=2)
+    assert late.removal_order == order == [5, 2, 3] and late.diverged_at == 3 and late.same_prefix == 2
+    assert not late.same_as_full and "round 3 picks layer 3" in late.note
 
 
 def test_halving_replay_equals_the_real_halving_search(logged, tmp_path):
@@ -127,7 +134,7 @@ def test_halving_needs_references_and_hypotheses(logged):
     with pytest.raises(StcompressError, match="needs the dev references"):
         replay(log, "h", halving=True, eta=2, min_segments=2)
     strategies, skipped = standard_strategies(log, keeps=(2,))
-    assert [s.name for s in strategies] == ["prefilter early, keep 2", "prefilter good, keep 2"]
+    assert [s.name for s in strategies] == ["prefilter early, keep 2", "prefilter good, keep 2", "prefilter late, keep 2"]
     assert len(skipped) == 2 and all("halving" in s for s in skipped)
 
 
@@ -154,7 +161,7 @@ def test_study_script_writes_markdown_and_json(logged, tmp_path):
     assert res["removal_order"] == [5, 2, 1] and res["proxies_absent"] == ["angular_distance"]
     assert res["correlation"]["1"]["good"]["spearman"] == pytest.approx(1.0)
     names = [s["name"] for s in res["strategies"]]
-    assert names == ["prefilter early, keep 2", "prefilter good, keep 2", "halving, eta 3", "halving, eta 2"]
+    assert names == ["prefilter early, keep 2", "prefilter good, keep 2", "prefilter late, keep 2", "halving, eta 3", "halving, eta 2"]
     by_name = {s["name"]: s for s in res["strategies"]}
     assert by_name["prefilter good, keep 2"]["same_models"] == ["prune1"] and by_name["prefilter early, keep 2"]["same_models"] == []
     text = out.read_text()

@@ -108,16 +108,17 @@ def markdown(res: dict[str, Any]) -> str:
               "seconds estimated from the logged per-candidate times (halving: scaled by the fraction of the dev set)."
               + ("" if res["proxy_seconds_logged"] else " The proxies' own cost was not logged by this search "
                  "(proxies.json 'seconds', logged since this study)."), "",
-              "| strategy | importance options | removal order | same as full | same pruned models | decodes (full) | decode s (full) | proxy s | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| strategy | importance options | removal order | same as full | same pruned models | decodes (full) | decode s (full) | proxy s | total s (full) | note |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["strategies"]:
         opts = ", ".join(f"{k}: {json.dumps(v)}" for k, v in s["config"].items())
         same = "yes" if s["same_as_full"] else f"first {s['same_prefix']}; diverged at round {s['diverged_at']}"
         base = s["full_over_same_rounds"]
+        total = "n/a" if s["config"].get("prefilter") and s["proxy_seconds"] is None else f"{s['seconds'] + (s['proxy_seconds'] or 0):.1f}"
         lines.append(f"| {s['name']} | `{opts}` | {s['removal_order']} | {same} | {', '.join(s['same_models']) or '-'} | {s['segment_equivalents']:g} "
                      f"({base['evaluations']}) | {s['seconds']:.1f} ({base['seconds']:.1f}) | {_f(s['proxy_seconds'], '{:.1f}')} "
-                     f"| {s['note']} |")
-    lines += [f"| {n.split(':')[0]} | | | not replayed: {n.split(':', 1)[1].strip()} | | | | | |" for n in res["not_replayed"]]
+                     f"| {total} ({base['seconds']:.1f}) | {s['note']} |")
+    lines += [f"| {n.split(':')[0]} | | | not replayed: {n.split(':', 1)[1].strip()} | | | | | | |" for n in res["not_replayed"]]
     lines += ["", "Decodes count whole-dev-set equivalents (a halving rung on a third of the dev set counts 1/3). A strategy "
               "that diverged is exact up to its divergence: later rounds would need decodes nobody logged; its "
               "models agree with the full search's for the first N removals shown ('first N'). Same pruned models: the run's "

@@ -238,6 +238,8 @@ def replay(log: LoggedSearch, name: str, *, prefilter: str | None = None, keep: 
     same = 0
     while same < min(len(order), len(log.removal_order)) and order[same] == log.removal_order[same]:
         same += 1
+    if diverged is None and same < len(order):  # the last round picked otherwise: nothing later to ask for
+        diverged = same + 1
     if diverged is not None and not note:
         note = (f"round {diverged} picks layer {order[same]} where the full search picked {log.removal_order[same]}; "
                 "later rounds need scores the full search never logged")
