@@ -161,3 +161,36 @@ def test_rebuild_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert cli_rebuild(base, artifacts, "distill", tmp_path / "z") == 2
     assert "a distill stage makes no model" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_pack_fills_at_most_three_volumes_and_refuses_more(tmp_path, monkeypatch):
+    import os
+
+    collect = _script("collect_artifacts")
+    monkeypatch.setattr(collect, "MAX_BYTES", 16_000)
+    monkeypatch.setattr(collect, "BUDGET", 15_500)
+    files = {f"stage{i}/adapter/adapter_model.safetensors": os.urandom(7_000) for i in range(5)} | {"plan.json": b"{}"}
+    written = collect.pack(files, tmp_path / "out", "tb")
+    assert [p.name for p in written] == ["tb-artifacts.tar.gz", "tb-artifacts-2.tar.gz", "tb-artifacts-3.tar.gz"]
+    got = {}
+    for p in written:
+        assert p.stat().st_size <= 16_000
+        with tarfile.open(p) as tar:
+            got |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert got == files
+    with pytest.raises(SystemExit, match="need 4 files"):
+        collect.pack(files | {f"more{i}.bin": os.urandom(7_000) for i in range(2)}, tmp_path / "out2", "tb")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_adapters_are_cast_to_fp16_unless_fp16_cannot_hold_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    collect = _script("collect_artifacts")
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a": torch.full((2, 2), 0.1), "big": torch.full((2,), 1e6)}, str(path))
+    back = {}
+    (tmp_path / "cast.safetensors").write_bytes(collect.fp16_adapter(path))
+    back = load_file(str(tmp_path / "cast.safetensors"))
+    assert back["a"].dtype == torch.float16 and torch.allclose(back["a"].float(), torch.full((2, 2), 0.1), rtol=1e-3)
+    assert back["big"].dtype == torch.float32  # 1e6 overflows fp16: kept as it was

@@ -124,7 +124,7 @@ def pack(files: dict[str, bytes], out: Path, name: str) -> list[Path]:
                 tar.addfile(info, io.BytesIO(files[arc]))
         return buf.getvalue()
 
-    estimate = {arc: len(gzip.compress(data, 6)) + 1024 for arc, data in files.items()}  # + a tar header
+    estimate = {arc: len(gzip.compress(data, 6)) + 512 for arc, data in files.items()}  # + a tar header
     volumes: list[list[str]] = []
     for arc in sorted(files, key=lambda a: -estimate[a]):  # first fit, largest first
         if estimate[arc] > BUDGET:

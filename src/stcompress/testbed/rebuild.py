@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stcompress.artifacts import MANIFEST, read_manifest, staged_output, write_manifest
+from stcompress.artifacts import MANIFEST, build_manifest, path_identity, read_manifest, staged_output, write_manifest
 from stcompress.config import DataConfig, ExportConfig, ModelConfig, PruneConfig, load_config
 from stcompress.errors import ModelError
 
@@ -162,10 +162,15 @@ class Rebuilder:
             if (bm.get("config") or {}).get("mode") != "full" or not ((bm.get("config") or {}).get("train") or {}).get("freeze_language_model"):
                 break
             root = bm.get("base_model") or bm["config"]["model"]["path"]
-        loaded = load_model(ModelConfig(path=str(self.build(self.name_of(root))), dtype="float32", device=self.device))
+        below = self.build(self.name_of(root))
+        loaded = load_model(ModelConfig(path=str(below), dtype="float32", device=self.device))
         arch.projector(loaded.model).load_state_dict(tensors, strict=True)
         with staged_output(out) as tmp:
             save_model(loaded.model, loaded.processor, tmp)
+            # a model directory (not a finetune output: no mode), as export and evaluate expect one
+            manifest = build_manifest("rebuild", {"projector_of": name}, {"model": path_identity(below)}, {},
+                                      base_model=str(below), target_lang=m.get("target_lang"), prompt=m.get("prompt"))
+            write_manifest(tmp, manifest)
         return out
 
     def _projector_tensors(self, name: str) -> dict[str, Any]:
