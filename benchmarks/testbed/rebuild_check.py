@@ -52,7 +52,8 @@ def check(base: Path, artifacts: Path, work: Path, data_dir: Path | None, device
         recorded = read_manifest(artifacts / ev)
         target = work / model
         if not (target / "manifest.json").is_file():
-            rebuild(base, artifacts, model, target, device=device)
+            known = {d.name: d for d in work.iterdir() if (d / "NOTICE").is_file()} if work.is_dir() else {}
+            rebuild(base, artifacts, model, target, device=device, known=known)
         out = work / f"{ev}"
         if not (out / "scores.json").is_file():
             cfg = dict(recorded["config"])

@@ -191,9 +191,11 @@ class Rebuilder:
         return out
 
 
-def rebuild(base: Path, artifacts: Path, system: str, out: Path, *, check_data: str = CHECK_DATA, device: str = "cpu") -> Path:
+def rebuild(base: Path, artifacts: Path, system: str, out: Path, *, check_data: str = CHECK_DATA, device: str = "cpu",
+            known: dict[str, Path] | None = None) -> Path:
     """`system` (teacher, prune25, final25, ... or any model stage's name) -> a model directory at
-    `out` that loads with plain from_pretrained, with Gemma's NOTICE; written whole or not at all."""
+    `out` that loads with plain from_pretrained, with Gemma's NOTICE; written whole or not at all.
+    `known`: stages already rebuilt (name -> model directory), reused instead of rebuilt."""
     from stcompress.testbed.model import NOTICE
 
     if out.exists():
@@ -201,7 +203,9 @@ def rebuild(base: Path, artifacts: Path, system: str, out: Path, *, check_data: 
     name = stage_name(artifacts, system)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.rebuild-", dir=out.parent) as work:
-        model = Rebuilder(base, artifacts, Path(work), check_data, device).build(name)
+        rebuilder = Rebuilder(base, artifacts, Path(work), check_data, device)
+        rebuilder.done.update({k: v for k, v in (known or {}).items() if k != name})
+        model = rebuilder.build(name)
         with staged_output(out) as tmp:
             for f in model.iterdir():
                 os.replace(f, tmp / f.name)
