@@ -97,7 +97,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.slow  # the pipeline fixture runs 7 real stages: ~1.5 min on 2 idle cores, ~4 under load
+@pytest.mark.slow  # the pipeline fixture runs 7 real stages: ~1.5 min on 2 cores, ~4 under heavy load
 def test_collected_artifacts_are_small_and_fp16(pipeline):
     from safetensors import safe_open
 
