@@ -56,6 +56,7 @@ class SearchResult:
     winners: list[Record] = field(default_factory=list)
     stop_reason: str = ""
     proxy_values: dict[int, dict[str, dict[int, float]]] = field(default_factory=dict)  # round -> proxy -> layer
+    proxy_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # round -> proxy -> its cost that round
 
 
 class GreedySearch:
@@ -139,8 +140,13 @@ class GreedySearch:
 
     def _round_candidates(self, round_: int, removed: tuple[int, ...], result: SearchResult) -> list[int]:
         layers = [c for c in self.s.candidates if c not in removed]
-        if self.proxies:
-            result.proxy_values[round_] = {name: fn(removed, layers) for name, fn in self.proxies.items()}
+        if self.proxies:  # timed: a cheap search's cost is its proxies' plus its decodes (proxy_study)
+            values, seconds = {}, {}
+            for name, fn in self.proxies.items():
+                t0 = time.perf_counter()
+                values[name] = fn(removed, layers)
+                seconds[name] = round(time.perf_counter() - t0, 3)
+            result.proxy_values[round_], result.proxy_seconds[round_] = values, seconds
         if self.prefilter is not None and self.s.prefilter_keep and len(layers) > self.s.prefilter_keep:
             proxy = result.proxy_values[round_][self.prefilter]
             ranked = sorted(layers, key=lambda l: (-proxy[l], l))

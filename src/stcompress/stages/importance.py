@@ -185,7 +185,8 @@ def proxy_report(result: SearchResult, records: list, metric: str) -> dict[str, 
     from scipy.stats import spearmanr
 
     full = {(r.round, r.layer): r.scores[metric] for r in records if r.layer is not None and not r.approximate}
-    report: dict[str, Any] = {"rounds": {}, "correlation": {}}
+    report: dict[str, Any] = {"rounds": {}, "correlation": {},
+                              "seconds": {str(r): v for r, v in result.proxy_seconds.items()}}  # per round and proxy
     pooled: dict[str, tuple[list[float], list[float]]] = {}
     for round_, by_proxy in result.proxy_values.items():
         report["rounds"][str(round_)] = {name: {str(k): v for k, v in vals.items()} for name, vals in by_proxy.items()}

@@ -1,4 +1,4 @@
-"""Model commands of `python -m stcompress.testbed`: build-pack, build-model, split-pack, join-pack."""
+"""Model commands of `python -m stcompress.testbed`: build-pack, build-model, rebuild, split-pack, join-pack."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tar-data", help="one language's manifests + the clips they name, as one tar (for transfers)")
     t.add_argument("data", type=Path, help="e.g. runs/testbed-data/de")
     t.add_argument("--out", type=Path, required=True)
+    r = sub.add_parser("rebuild", help="any testbed system from the base model + committed artifacts (CPU, no GPU)")
+    r.add_argument("--base", type=Path, required=True, help="the base model build-model wrote, e.g. runs/testbed/base")
+    r.add_argument("--artifacts", type=Path, required=True, help="unpacked collect_artifacts output, e.g. benchmarks/testbed/results/de-run2")
+    r.add_argument("--system", required=True, help="teacher, prune25, prune50, final25, final50, or any model stage's name")
+    r.add_argument("--out", type=Path, required=True, help="the model directory to write (must not exist)")
+    r.add_argument("--check-data", default="builtin:demo-dev", help="clips for the stages' reload checks (default: the package's own)")
+    r.add_argument("--device", default="cpu")
     j = sub.add_parser("join-pack", help="rejoin chunks written by split-pack (sha256 checked)")
     j.add_argument("file", type=Path, help="the file to recreate; its chunks FILE.partNN and FILE.sha256 beside it")
 
@@ -41,6 +48,10 @@ def run_command(args: argparse.Namespace) -> int:
         from stcompress.testbed.model import materialise
 
         print(materialise(args.pack, args.out, args.seed))
+    elif args.cmd == "rebuild":
+        from stcompress.testbed.rebuild import rebuild
+
+        print(rebuild(args.base, args.artifacts, args.system, args.out, check_data=args.check_data, device=args.device))
     elif args.cmd == "split-pack":
         split(args.file, args.mib)
     elif args.cmd == "tar-data":

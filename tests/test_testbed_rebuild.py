@@ -1,0 +1,196 @@
+"""CPU rebuild of testbed systems from the base model + collected artifacts (issue 10, point 5).
+
+The real chain runs on the tiny smoke testbed (benchmarks/testbed/smoke_cpu.py's base: a tiny
+Gemma 3 in the testbed's pack -> model path): projector warm-up with the LM frozen, LoRA teacher,
+fp32 merge, importance, prune, QLoRA heal, fp32 merge. collect_artifacts packs what the GPU driver
+keeps (adapters cast to fp16); `rebuild` must give back the teacher and final25 the pipeline made:
+the same greedy translations, and weights within the fp16 rounding of the adapters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stcompress import cli
+from stcompress.errors import ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {"epochs": 1, "max_steps": 2, "batch_size": 2, "lr": 0.05, "warmup_steps": 0, "weight_decay": 0.0,
+         "freeze_audio_tower": True, "cache_audio": True, "mixed_precision": "no", "log_every": 1}
+DATA = {"dataset": "builtin:demo-train", "limit": 4}
+CHECK = {"dataset": "builtin:demo-dev", "limit": 2}
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "testbed" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recipe(base: Path, run_dir: Path) -> dict:
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False}
+    return {
+        "run_dir": str(run_dir),
+        "defaults": {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
+                     "generation": {"max_new_tokens": 6, "batch_size": 4}},
+        "stages": [
+            {"name": "align", "stage": "finetune", "config": {
+                "mode": "full", "model": {"path": str(base)}, "data": DATA, "dev": {"dataset": "none"},
+                "train": TRAIN | {"freeze_language_model": True, "save_dtype": "float32"}}},
+            {"name": "teacher", "stage": "finetune", "config": {
+                "mode": "lora", "model": {"path": "${align.model}"}, "data": DATA, "dev": {"dataset": "none"},
+                "lora": lora, "train": TRAIN}},
+            {"name": "teacher-merged", "stage": "export", "config": {"input": "${teacher}", "dtype": "float32", "data": CHECK}},
+            {"name": "importance", "stage": "importance", "config": {
+                "model": {"path": "${teacher-merged}"}, "data": CHECK, "rounds": 2, "generation": {"max_new_tokens": 4}}},
+            {"name": "prune25", "stage": "prune", "config": {
+                "importance": "${importance}", "num_layers": 2, "model": {"path": "${teacher-merged}"}, "data": CHECK}},
+            {"name": "heal25", "stage": "finetune", "config": {
+                "mode": "qlora", "model": {"path": "${prune25}"}, "data": DATA, "dev": {"dataset": "none"},
+                "lora": lora | {"keep_unquantized": ["lm_head", "audio_tower"]}, "train": TRAIN}},
+            {"name": "export25", "stage": "export", "config": {"input": "${heal25}", "dtype": "float32", "data": CHECK}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")  # QLoRA healing, as on the GPU (extra `quant`, installed by CI)
+    root = tmp_path_factory.mktemp("rebuild")
+    sys.path.insert(0, str(ROOT / "tests"))
+    base = _script("smoke_cpu").tiny_base(root / "model")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(base, root / "run")))
+    assert cli.main(["run", str(recipe), "-q"]) == 0
+    collect = _script("collect_artifacts")
+    packed = collect.pack(collect.collect(root / "run", []), root / "out", "testbed-tiny")
+    artifacts = root / "artifacts"
+    for f in packed:
+        with tarfile.open(f) as tar:
+            tar.extractall(artifacts, filter="data")
+    return base, root / "run", artifacts
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    return Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).state_dict()
+
+
+def _translate(model: Path, out: Path) -> list[str]:
+    assert cli.main(["translate", "--model.path", str(model), "--model.device", "cpu", "--data.dataset", "builtin:demo-test",
+                     "--data.limit", "4", "--generation.max-new-tokens", "8", "--output", str(out), "-q"]) == 0
+    return [json.loads(l)["hypothesis"] for l in (out / "hypotheses.jsonl").read_text().splitlines()]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow  # the pipeline fixture runs 7 real stages: ~1.5 min on 2 cores, ~4 under heavy load
+def test_collected_artifacts_are_small_and_fp16(pipeline):
+    from safetensors import safe_open
+
+    _, run, artifacts = pipeline
+    assert (artifacts / "projector.safetensors").is_file() and not list(artifacts.glob("*/model"))
+    with safe_open(str(artifacts / "projector.safetensors"), "pt") as f:
+        assert f.metadata()["stage"] == "align" and all("multi_modal_projector." in k for k in f.keys())
+    for stage in ("teacher", "heal25"):
+        with safe_open(str(artifacts / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads((artifacts / "prune25" / "manifest.json").read_text())["removed_layers"]
+    assert (artifacts / "importance" / "removal_order.json").is_file() and (artifacts / "importance" / "hypotheses").is_dir()
+    assert not [p for p in artifacts.rglob("*.safetensors") if p.name not in ("adapter_model.safetensors", "projector.safetensors")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system, made", [("teacher", "teacher-merged"), ("final25", "export25")])
+def test_rebuild_on_cpu_matches_what_the_pipeline_made(pipeline, tmp_path, system, made):
+    from stcompress.testbed.model import NOTICE
+
+    base, run, artifacts = pipeline
+    out = tmp_path / system
+    assert cli_rebuild(base, artifacts, system, out) == 0
+    assert (out / "NOTICE").read_text() == NOTICE
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rebuilt"]["stage"] == made and "NOTICE" in manifest["files"]
+    rebuilt, original = _state(out), _state(run / made)
+    # the adapters' fp16 rounding is all that differs; the merge itself moved the weights far more
+    before = _state(run / "align" / "model") if system == "teacher" else _state(run / "prune25")
+    moved = _max_diff(original, before)
+    assert moved > 1e-3 and _max_diff(rebuilt, original) < 1e-2 * moved
+    if system == "final25":
+        assert manifest["removed_layers"] == json.loads((artifacts / "prune25" / "manifest.json").read_text())["removed_layers"]
+    assert _translate(out, tmp_path / "hyp-rebuilt") == _translate(run / made, tmp_path / "hyp-pipeline")
+
+
+def cli_rebuild(base, artifacts, system, out):
+    from stcompress.testbed.__main__ import main
+
+    return main(["rebuild", "--base", str(base), "--artifacts", str(artifacts), "--system", system, "--out", str(out)])
+
+
+def test_rebuild_refuses_bad_input_in_one_line(tmp_path, capsys):
+    base, artifacts = tmp_path / "base", tmp_path / "artifacts"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (artifacts / "export25").mkdir(parents=True)
+    (artifacts / "export25" / "manifest.json").write_text(json.dumps({"stage": "export", "config": {"quantize": "nf4"}}))
+    (artifacts / "distill").mkdir()
+    (artifacts / "distill" / "manifest.json").write_text(json.dumps({"stage": "distill"}))
+    assert cli_rebuild(base, artifacts, "final99", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "system: 'final99' has no manifest" in err and "final25" in err and not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    assert cli_rebuild(base, artifacts, "final25", tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_rebuild(tmp_path, artifacts, "final25", tmp_path / "y") == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert cli_rebuild(base, artifacts, "final25", tmp_path / "z") == 2
+    assert "a quantized (nf4) export" in capsys.readouterr().err
+    assert cli_rebuild(base, artifacts, "distill", tmp_path / "z") == 2
+    assert "a distill stage makes no model" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_pack_fills_at_most_three_volumes_and_refuses_more(tmp_path, monkeypatch):
+    import os
+
+    collect = _script("collect_artifacts")
+    monkeypatch.setattr(collect, "MAX_BYTES", 16_000)
+    monkeypatch.setattr(collect, "BUDGET", 15_500)
+    files = {f"stage{i}/adapter/adapter_model.safetensors": os.urandom(7_000) for i in range(5)} | {"plan.json": b"{}"}
+    written = collect.pack(files, tmp_path / "out", "tb")
+    assert [p.name for p in written] == ["tb-artifacts.tar.gz", "tb-artifacts-2.tar.gz", "tb-artifacts-3.tar.gz"]
+    got = {}
+    for p in written:
+        assert p.stat().st_size <= 16_000
+        with tarfile.open(p) as tar:
+            got |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert got == files
+    with pytest.raises(SystemExit, match="need 4 files"):
+        collect.pack(files | {f"more{i}.bin": os.urandom(7_000) for i in range(2)}, tmp_path / "out2", "tb")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_adapters_are_cast_to_fp16_unless_fp16_cannot_hold_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    collect = _script("collect_artifacts")
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a": torch.full((2, 2), 0.1), "big": torch.full((2,), 1e6)}, str(path))
+    back = {}
+    (tmp_path / "cast.safetensors").write_bytes(collect.fp16_adapter(path))
+    back = load_file(str(tmp_path / "cast.safetensors"))
+    assert back["a"].dtype == torch.float16 and torch.allclose(back["a"].float(), torch.full((2, 2), 0.1), rtol=1e-3)
+    assert back["big"].dtype == torch.float32  # 1e6 overflows fp16: kept as it was
