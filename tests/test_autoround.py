@@ -96,7 +96,8 @@ def test_autoround_export_reloads_with_plain_from_pretrained(tmp_path, wide_mode
     examples = calibrated.calibration_examples(_cfg(tmp_path, wide_model_dir))
     processor = transformers.AutoProcessor.from_pretrained(str(out))
     batch = calibrated.calibration_batches(processor, examples[:1], _cfg(tmp_path, wide_model_dir))[0]
-    plain = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(out))
+    # dtype given: without it 4.57 loads compressed-tensors checkpoints in float16 (5.x: the saved bf16)
+    plain = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(str(out), dtype=torch.bfloat16)
     ours = load_model(ModelConfig(path=str(out), device="cpu", dtype="bfloat16")).model
     with torch.no_grad():
         a, b = plain(**batch).logits, ours(**batch).logits
