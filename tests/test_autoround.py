@@ -19,10 +19,12 @@ from stcompress.artifacts import read_manifest
 from stcompress.config import DataConfig, ExportConfig, ModelConfig, load_config
 from stcompress.data.sources import load_examples
 from stcompress.errors import ConfigError, DataError
-from stcompress.metrics.efficiency import safetensors_header
+from stcompress.metrics.efficiency import component_bytes, safetensors_header
 from stcompress.model import arch
 from stcompress.model.load import load_model
 from stcompress.prompt import PromptBuilder
+from stcompress.quantize import component_bits
+from stcompress.sizes import predict
 from stcompress.stages import export
 
 pytest.importorskip("auto_round", reason="the quant extra (auto-round) is not installed")
@@ -74,6 +76,10 @@ def test_autoround_export_reloads_with_plain_from_pretrained(tmp_path, wide_mode
     assert header[up.replace("packed", "scale")]["shape"] == [256, 1]  # one scale per 128 inputs
     for component in ("lm_head", "embed_tokens", "audio_tower", "projector"):
         assert {e["dtype"] for n, e in header.items() if arch.component_of(n) == component} == {"BF16"}, component
+    predicted = predict(transformers.AutoConfig.from_pretrained(str(wide_model_dir)), "autoround",
+                        component_bits("autoround", "", ("lm_head",)), "bfloat16")
+    measured = component_bytes(out)["components"]
+    assert {c: predicted[c] for c in arch.COMPONENTS} == {c: measured[c] for c in arch.COMPONENTS}
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["config_groups"]["group_0"]["weights"]["group_size"] == 128
     assert all(p.startswith("re:") for p in q["ignore"])  # kept components named for both module layouts

@@ -542,9 +542,8 @@ class ExportConfig:
     quantize: Literal["none", "nf4", "int8", "hqq", "autoround"] = "none"
     bits: str = ""  # per component, e.g. decoder_layers=3,lm_head=8,audio_tower=4 (16 = kept in dtype; hqq default 4)
     group_size: int | None = None  # hqq / autoround: weights per scale group (None: hqq 64, autoround 128)
-    # autoround calibration: (clip, reference) pairs of the run's data through the inference prompt
-    calibration_samples: int = 128  # pairs fed through the model (the first reference of each clip first)
-    calibration_subset: Literal["all", "train", "dev", "test"] = "train"  # which part of `data` calibrates
+    calibration_samples: int = 128  # autoround: (clip, reference) pairs of the run's data fed through the inference prompt
+    calibration_subset: Literal["all", "train", "dev", "test"] = "train"  # autoround: which part of `data` calibrates
     calibration_dataset: str | None = None  # another dataset to calibrate on (None: data.dataset)
     calibration_iters: int = 200  # AutoRound tuning steps per decoder layer (0: round to nearest, no tuning)
     # nf4: components left in `dtype`. embed_tokens always is (transformers' bitsandbytes path has no
