@@ -133,6 +133,8 @@ def autoround_quantize(model: torch.nn.Module, processor: Any, batches: Sequence
                              "why above); check the calibration data") from None
         if next(model.parameters()).dtype != dtype:  # on CPU auto-round computes (and leaves the model) in fp32
             model.to(dtype)
+        if next(model.parameters()).device != device:  # blocks it moved while tuning come back for the check
+            model.to(device)
         ar.save_quantized(output_dir=str(out), format="llm_compressor", inplace=False)
     portable_ignore(out)
     cast_kept_tensors(out, dtype)
