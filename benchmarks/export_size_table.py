@@ -1,6 +1,6 @@
 """Bytes on disk of each export format on the real Qwen2-Audio-7B architecture, by arithmetic.
 
-No weights: stcompress.sizes predicts tensor bytes from the config (exact for int8 and hqq, within
+No weights: stcompress.sizes predicts tensor bytes from the config (exact for int8, hqq and autoround, within
 0.1% for nf4 on the tiny model: tests/test_quantize.py). Decoder layers 32 / 24 / 16 (pruned).
 Run: PYTHONPATH=src python benchmarks/export_size_table.py > benchmarks/results/export_size_table_7b.md
 """
@@ -23,6 +23,8 @@ POINTS = [  # (label, format, bits)
     ("nf4, lm_head bf16 (paper)", "nf4", ""),
     ("nf4 everywhere", "nf4", "lm_head=4"),
     ("hqq 4-bit, lm_head 8", "hqq", "lm_head=8"),
+    ("autoround 4-bit decoder (calibrated, g128), rest bf16", "autoround", ""),
+    ("autoround 8-bit decoder (calibrated, g128), rest bf16", "autoround", "decoder_layers=8"),
     ("hqq 3-bit decoder, lm_head 8, tower 4", "hqq", "decoder_layers=3,lm_head=8"),
     ("hqq 2-bit decoder, lm_head 4, tower 4", "hqq", "decoder_layers=2,lm_head=4"),
 ]

@@ -552,9 +552,14 @@ class ExportConfig:
     base_model: str | None = None  # LoRA / QLoRA: overrides the finetune manifest's base_model
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # merge and save in this (never in 4-bit)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the merge and the reload check)
-    quantize: Literal["none", "nf4", "int8", "hqq"] = "none"  # after the merge: nf4 / int8 bitsandbytes, hqq 1-8 bit (4.57)
+    # after the merge: nf4 / int8 bitsandbytes, hqq 1-8 bit (4.57), autoround: calibrated 4-bit (compressed-tensors)
+    quantize: Literal["none", "nf4", "int8", "hqq", "autoround"] = "none"
     bits: str = ""  # per component, e.g. decoder_layers=3,lm_head=8,audio_tower=4 (16 = kept in dtype; hqq default 4)
-    group_size: int = 64  # hqq: weights per scale/zero group
+    group_size: int | None = None  # hqq / autoround: weights per scale group (None: hqq 64, autoround 128)
+    calibration_samples: int = 128  # autoround: (clip, reference) pairs of the run's data fed through the inference prompt
+    calibration_subset: Literal["all", "train", "dev", "test"] = "train"  # autoround: which part of `data` calibrates
+    calibration_dataset: str | None = None  # another dataset to calibrate on (None: data.dataset)
+    calibration_iters: int = 200  # AutoRound tuning steps per decoder layer (0: round to nearest, no tuning)
     # nf4: components left in `dtype`. embed_tokens always is (transformers' bitsandbytes path has no
     # 4-bit embedding); lm_head is kept by default, as transformers does.
     keep_unquantized: tuple[str, ...] = ("lm_head",)
@@ -583,6 +588,10 @@ class ExportConfig:
         from stcompress.quantize import bits_problems
 
         out += bits_problems(self.quantize, self.bits, tuple(self.keep_unquantized), self.group_size)
+        if self.calibration_samples < 1:
+            out.append("calibration_samples: must be at least 1 (autoround calibrates on the run's audio)")
+        if self.calibration_iters < 0:
+            out.append("calibration_iters: must be 0 (round to nearest) or more")
         if self.check_segments < 1:
             out.append("check_segments: must be at least 1 (every export is reload-checked)")
         if not 0 < self.check_min_agreement <= 1:

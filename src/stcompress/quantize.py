@@ -8,12 +8,16 @@ save -> plain from_pretrained -> logits):
 | nf4 | bitsandbytes | 4 | yes | yes | packed 4-bit + uint8 absmax per 64 |
 | int8 | bitsandbytes LLM.int8 | 8 | yes | yes | int8 + fp32 scale per row |
 | hqq | hqq (HqqConfig) | 1, 2, 3, 4, 8 | yes | no | packed n-bit + scale/zero per group |
+| autoround | auto-round -> compressed-tensors | 4, 8 (decoder) | yes | yes | n-bit codes in int32 + fp16 scale per 128 |
 
 transformers 5.x cannot quantize to HQQ (NotImplementedError) and loads an HQQ checkpoint as a
 plain model with random linear weights, so `hqq` is refused there. torchao's
 IntxWeightOnlyConfig reloads on 5.x but stores sub-8-bit weights unpacked in int8 on CPU (no
 smaller than int8), so it is not offered. Embeddings stay in `dtype` in every format: none of
 these libraries quantizes nn.Embedding through from_pretrained.
+
+autoround is the calibrated format (stcompress.calibrated has its measurements): it quantizes the
+LM decoder layers only; the audio tower, projector, embeddings and LM head stay in `dtype`.
 
 Bits per component: `bits` maps audio_tower, projector, decoder_layers, lm_head to a bit width
 the format supports, or 16 (kept in the export dtype).
@@ -32,16 +36,26 @@ from packaging.version import Version
 from stcompress.errors import ModelError
 from stcompress.model import arch
 
-FORMATS = ("none", "nf4", "int8", "hqq")
+FORMATS = ("none", "nf4", "int8", "hqq", "autoround")
 KEEP = 16  # "bits" of a component left in the export dtype
 BITS_COMPONENTS = ("audio_tower", "projector", "decoder_layers", "lm_head", "embed_tokens")
 _ALIASES = {"decoder": "decoder_layers", "layers": "decoder_layers", "embed": "embed_tokens", "embedding": "embed_tokens",
             "tower": "audio_tower", "audio": "audio_tower", "head": "lm_head"}
 # Bit widths each format stores (besides KEEP).
-FORMAT_BITS = {"none": (), "nf4": (4,), "int8": (8,), "hqq": (1, 2, 3, 4, 8)}
-_LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "hqq": "hqq"}
-_EXTRA = {"bitsandbytes": "stcompress[quant]", "hqq": "stcompress[quant]"}
+FORMAT_BITS = {"none": (), "nf4": (4,), "int8": (8,), "hqq": (1, 2, 3, 4, 8), "autoround": (4, 8)}
+_LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "hqq": "hqq", "autoround": "auto_round"}
+_EXTRA = {"bitsandbytes": "stcompress[quant]", "hqq": "stcompress[quant]", "auto_round": "stcompress[quant]",
+          "compressed_tensors": "stcompress[quant]"}
 HQQ_GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = {"hqq": HQQ_GROUP_SIZES, "autoround": (32, 64, 128)}
+DEFAULT_GROUP_SIZE = {"hqq": 64, "autoround": 128}
+# Components a format can store in fewer bits (autoround calibrates the decoder layers only).
+_QUANTIZABLE = {"autoround": ("decoder_layers",)}
+
+
+def group_size(fmt: str, value: int | None) -> int:
+    """The configured group size, or the format's default (hqq 64, autoround 128)."""
+    return value if value is not None else DEFAULT_GROUP_SIZE.get(fmt, 64)
 
 
 def parse_bits(spec: str) -> dict[str, int]:
@@ -62,13 +76,15 @@ def parse_bits(spec: str) -> dict[str, int]:
 def component_bits(fmt: str, bits: str, keep_unquantized: tuple[str, ...]) -> dict[str, int]:
     """Bits of every component: the format's width for linear components, KEEP for the embedding,
     for `keep_unquantized` and for everything when fmt is none; `bits` overrides."""
-    width = max(FORMAT_BITS[fmt], default=KEEP) if fmt != "hqq" else 4
-    out = {c: (KEEP if fmt == "none" or c in keep_unquantized or c == "embed_tokens" else width) for c in BITS_COMPONENTS}
+    width = max(FORMAT_BITS[fmt], default=KEEP) if fmt not in ("hqq", "autoround") else 4
+    only = _QUANTIZABLE.get(fmt, BITS_COMPONENTS)
+    out = {c: (KEEP if fmt == "none" or c in keep_unquantized or c == "embed_tokens" or c not in only else width)
+           for c in BITS_COMPONENTS}
     out.update(parse_bits(bits))
     return out
 
 
-def bits_problems(fmt: str, bits: str, keep_unquantized: tuple[str, ...], group_size: int) -> list[str]:
+def bits_problems(fmt: str, bits: str, keep_unquantized: tuple[str, ...], group: int | None) -> list[str]:
     """Config problems of the format and bits, all at once, before anything loads."""
     try:
         chosen = component_bits(fmt, bits, keep_unquantized)
@@ -79,10 +95,13 @@ def bits_problems(fmt: str, bits: str, keep_unquantized: tuple[str, ...], group_
     for c, b in chosen.items():
         if c == "embed_tokens" and b != KEEP:
             out.append(f"bits: embed_tokens={b}: embeddings stay in the export dtype in every format; drop it or use 16")
+        elif b != KEEP and c not in _QUANTIZABLE.get(fmt, BITS_COMPONENTS):
+            out.append(f"bits: {c}={b}: quantize {fmt} calibrates the decoder layers only; drop it or use 16 "
+                       "(nf4 / int8 / hqq quantize the other components)")
         elif b not in allowed:
             out.append(f"bits: {c}={b} is not stored by quantize {fmt}; use one of {', '.join(map(str, allowed))}")
-    if fmt == "hqq" and group_size not in HQQ_GROUP_SIZES:
-        out.append(f"group_size: {group_size} is not one of {', '.join(map(str, HQQ_GROUP_SIZES))}")
+    if fmt in GROUP_SIZES and group_size(fmt, group) not in GROUP_SIZES[fmt]:
+        out.append(f"group_size: {group} is not one of {', '.join(map(str, GROUP_SIZES[fmt]))} (quantize {fmt})")
     return out
 
 
@@ -90,9 +109,10 @@ def check_library(fmt: str) -> None:
     """The format's library is installed and this transformers can reload what it writes."""
     if fmt == "none":
         return
-    library = _LIBRARY[fmt]
-    if importlib.util.find_spec(library) is None:
-        raise ModelError(f"quantize: {fmt} needs {library}, which is not installed; pip install '{_EXTRA[library]}' (or quantize: none)")
+    for library in (_LIBRARY[fmt], *(("compressed_tensors",) if fmt == "autoround" else ())):
+        if importlib.util.find_spec(library) is None:
+            raise ModelError(f"quantize: {fmt} needs {library}, which is not installed; pip install '{_EXTRA[library]}' "
+                             "(or quantize: none)")
     if fmt == "hqq" and Version(transformers.__version__) >= Version("5"):
         raise ModelError(
             f"quantize: hqq needs transformers 4.5x; transformers {transformers.__version__} cannot write or reload HQQ "
@@ -160,6 +180,7 @@ def describe_bits(fmt: str, chosen: Mapping[str, int], dtype: str, group_size: i
         b = chosen[c]
         if b == KEEP:
             return dtype
-        return {"nf4": "NF4 (bitsandbytes)", "int8": "int8 (bitsandbytes LLM.int8)"}.get(fmt, f"{b}-bit HQQ, group {group_size}")
+        return {"nf4": "NF4 (bitsandbytes)", "int8": "int8 (bitsandbytes LLM.int8)",
+                "autoround": f"{b}-bit AutoRound (compressed-tensors), group {group_size}"}.get(fmt, f"{b}-bit HQQ, group {group_size}")
 
     return {"format": fmt, "bits": dict(chosen), "stored_as": {c: label(c) for c in chosen}}

@@ -4,7 +4,9 @@ Arithmetic over the model's tensor shapes (built on the meta device, so the 7B c
 with each library's stored layout as measured from its safetensors files (stcompress.quantize):
 nf4 packs two weights a byte plus a uint8 absmax per 64 (double quantization); int8 stores a byte
 a weight plus an fp32 scale per output row; hqq packs n-bit codes (3-bit: ten per int32) plus a
-scale and a zero per group in the compute dtype. Safetensors headers are not predicted.
+scale and a zero per group in the compute dtype; autoround (compressed-tensors pack-quantized) packs
+n-bit codes into int32 rows plus an fp16 scale per group and the int64 shape. Safetensors headers
+are not predicted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import transformers
 
 from stcompress.model import arch
-from stcompress.quantize import KEEP
+from stcompress.quantize import KEEP, group_size as format_group_size
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -29,6 +31,8 @@ def _linear_bytes(fmt: str, bits: int, out_f: int, in_f: int, dtype: str, group_
         return n * d
     if fmt == "int8":
         return n + 4 * out_f + 1
+    if fmt == "autoround":
+        return out_f * math.ceil(in_f * bits / 32) * 4 + out_f * math.ceil(in_f / group_size) * 2 + 16
     if fmt == "nf4":
         blocks = math.ceil(n / 64)
         return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 + 167
@@ -38,13 +42,15 @@ def _linear_bytes(fmt: str, bits: int, out_f: int, in_f: int, dtype: str, group_
     return packed + 2 * groups * d + meta
 
 
-def predict(config: Any, fmt: str, chosen: Mapping[str, int], dtype: str, group_size: int = 64, *,
+def predict(config: Any, fmt: str, chosen: Mapping[str, int], dtype: str, group_size: int | None = None, *,
             vocab_size: int | None = None) -> dict[str, int]:
-    """Bytes per component (arch.COMPONENTS) and their total, for `chosen` bits per component.
+    """Bytes per component (arch.COMPONENTS) and their total, for `chosen` bits per component
+    (`group_size` None: the format's default).
 
     `vocab_size`: embedding and LM-head rows after `export --trim-vocab` (vocab_trim.plan gives the
     kept count); None: the config's own. A tied head is counted once, as safetensors stores it.
     """
+    group_size = format_group_size(fmt, group_size)
     if vocab_size is not None:
         config = copy.deepcopy(config)
         arch.text_config(config).vocab_size = vocab_size

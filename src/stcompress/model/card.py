@@ -261,9 +261,18 @@ def render_card(info: CardInfo) -> str:
     ]
     full = check.get("vs_full_precision")
     if full:
+        chrf = f", chrF {full['chrf']:.2f} against its outputs" if "chrf" in full else ""
         lines += [
-            f"4-bit against the full-precision model it was quantized from, same segments: greedy token agreement "
-            f"{full['token_agreement']:.4f}, {full['identical_segments']} of {check.get('segments')} segments identical.",
+            f"Quantized against the full-precision model it was quantized from, same segments: greedy token agreement "
+            f"{full['token_agreement']:.4f}, {full['identical_segments']} of {check.get('segments')} segments identical{chrf}.",
+            "",
+        ]
+    quant = info.model.get("quantization") or {}
+    if quant.get("stored_as") == "compressed-tensors pack-quantized":
+        lines += [
+            f"Calibrated with auto-round ({quant.get('calibration_iters')} tuning steps per decoder layer) on up to "
+            f"{quant.get('calibration_samples')} (clip, reference) pairs through the prompt below; stored in the "
+            "compressed-tensors format: loading needs `pip install compressed-tensors` (vLLM loads it as it is).",
             "",
         ]
     return "\n".join(lines)

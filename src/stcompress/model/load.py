@@ -231,6 +231,15 @@ def quantization_config(compute_dtype: torch.dtype, keep: tuple[str, ...] | None
     return q
 
 
+def decompress(model: Any) -> None:
+    """A compressed-tensors checkpoint (quantize: autoround) loads with its weights packed and a hook
+    that unpacks them on the model's first forward; stcompress's engine calls the parts (tower,
+    decoder) directly, so the library's own decompression runs here, once: the same dense weights."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(model, "ct_decompress_hook", None) is not None and hasattr(quantizer, "compressor"):
+        quantizer.compressor.decompress_model(model)
+
+
 def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:
     """Load model + processor; `quantization` (a transformers quantization config: export's formats)
     replaces the paper's NF4 default of cfg.load_in_4bit."""
@@ -258,5 +267,6 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
         raise load_failure(path, exc) from None
     if "device_map" not in kwargs and not getattr(model, "is_loaded_in_8bit", False):  # int8 refuses .to; loads on CPU
         model.to(device)
+    decompress(model)
     model.eval()
     return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)

@@ -7,12 +7,14 @@ into a 4-bit model, which re-quantizes the merged weights (PAPER.md, "Known defe
 directory is the model (safetensors, config, generation config, processor) plus a model card
 (README.md) and manifest.json.
 
-`quantize: nf4 | int8 | hqq` (stcompress.quantize: formats, bits per component) then stores the
+`quantize: nf4 | int8 | hqq | autoround` (stcompress.quantize: formats, bits per component) then stores the
 merged model through the format's library: it is saved in `dtype`, reloaded through from_pretrained
 with a quantization config, and saved again, so every tensor that is not quantized (embeddings,
 norms, biases, the kept components) stays in `dtype`; the reference code saved ~5 GB of them in fp32. Every export is reloaded from disk with plain
 from_pretrained and must decode like the model in memory: identically in full precision, with
 greedy token agreement >= check_min_agreement when quantized (measured identical on CPU).
+autoround (stcompress.calibrated) quantizes the merged model in memory on calibration pairs of
+the run's data and writes compressed-tensors.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from stcompress.model import arch
 from stcompress.model.card import CardInfo, render_card
 from stcompress.model.load import LoadedModel, check_model_dir, load_model, quantization_config, resolve_model_path
 from stcompress.model.save import reload_check, save_model
-from stcompress import quantize, sizes as size_model, vocab_trim
+from stcompress import calibrated, quantize, sizes as size_model, vocab_trim
 from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.translate import Hypothesis, Translator
@@ -285,6 +287,13 @@ def token_agreement(a: Sequence[Hypothesis], b: Sequence[Hypothesis], tokenizer:
     return agree / total if total else 1.0
 
 
+def chrf_agreement(hypotheses: Sequence[Hypothesis], references: Sequence[Hypothesis]) -> float:
+    """chrF of one model's outputs scored against another's (100: the same text)."""
+    from sacrebleu.metrics import CHRF
+
+    return round(CHRF().corpus_score([h.text for h in hypotheses], [[r.text for r in references]]).score, 4)
+
+
 def quantized_reload_check(
     loaded: LoadedModel, directory: Path, examples: Sequence[Example], cfg: ExportConfig
 ) -> tuple[dict[str, Any], list[Hypothesis]]:
@@ -302,6 +311,7 @@ def quantized_reload_check(
     result = {
         "segments": len(examples), "max_new_tokens": cfg.check_max_new_tokens, "identical": identical == len(examples),
         "identical_segments": identical, "token_agreement": round(agreement, 6), "min_agreement": cfg.check_min_agreement,
+        "chrf": chrf_agreement(after, before),
     }
     if agreement < cfg.check_min_agreement:
         raise ModelError(
@@ -323,11 +333,16 @@ def describe(loaded: LoadedModel, cfg: ExportConfig, quantized: bool, parameters
         "weights": f"{cfg.dtype} safetensors",
     }
     chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
-    info["precision"] = quantize.describe_bits(cfg.quantize, chosen, cfg.dtype, cfg.group_size)
+    group = quantize.group_size(cfg.quantize, cfg.group_size)
+    info["precision"] = quantize.describe_bits(cfg.quantize, chosen, cfg.dtype, group)
     if quantized and cfg.quantize != "nf4":
         kept = [c for c, b in chosen.items() if b == quantize.KEEP]
-        info["quantization"] = {"method": quantize._LIBRARY[cfg.quantize], "format": cfg.quantize, "bits": chosen,
+        method = {"auto_round": "auto-round"}.get(quantize._LIBRARY[cfg.quantize], quantize._LIBRARY[cfg.quantize])
+        info["quantization"] = {"method": method, "format": cfg.quantize, "bits": chosen,
                                 "compute_dtype": cfg.dtype, "kept_in_dtype": kept}
+        if cfg.quantize == "autoround":
+            info["quantization"] |= {"stored_as": "compressed-tensors pack-quantized", "group_size": group,
+                                     "calibration_samples": cfg.calibration_samples, "calibration_iters": cfg.calibration_iters}
         info["weights"] = "; ".join(f"{c} {d}" for c, d in info["precision"]["stored_as"].items()) + (
             f"; all other tensors (norms, biases, convolutions) in {cfg.dtype}")
     elif quantized:
@@ -353,7 +368,7 @@ def library_config(loaded: LoadedModel, cfg: ExportConfig) -> Any:
     """The format's transformers quantization config with the configured bits per component."""
     chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
     q = quantize.library_config(cfg.quantize, chosen, loaded.model, _dtype(cfg.dtype), double_quant=cfg.double_quant,
-                                group_size=cfg.group_size)
+                                group_size=quantize.group_size(cfg.quantize, cfg.group_size))
     if cfg.quantize == "nf4":  # the paper's config, kept components from the bits
         nf4, nf4.llm_int8_skip_modules = nf4_config(cfg), q.llm_int8_skip_modules
         return nf4
@@ -373,7 +388,7 @@ def export_nf4(
     reference = _translate(loaded, examples, cfg)
     if cfg.quantize == "hqq":
         chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
-        quantize.hqq_quantize(loaded.model, chosen, cfg.group_size, _dtype(cfg.dtype))
+        quantize.hqq_quantize(loaded.model, chosen, quantize.group_size("hqq", cfg.group_size), _dtype(cfg.dtype))
         save_model(loaded.model, loaded.processor, out)
         return _checked(loaded, out, examples, cfg, reference)
     q = library_config(loaded, cfg)
@@ -390,12 +405,32 @@ def export_nf4(
     return _checked(quantized, out, examples, cfg, reference)
 
 
+def export_autoround(loaded: LoadedModel, out: Path, examples: Sequence[Example], calibration: Sequence[Example],
+                     cfg: ExportConfig) -> tuple[LoadedModel, dict[str, Any], dict[str, Any]]:
+    """Calibrate and quantize the decoder in memory (auto-round), write compressed-tensors to `out`,
+    check the reload. Returns the model, the check and the calibration record."""
+    reference = _translate(loaded, examples, cfg)
+    chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+    t0 = time.perf_counter()
+    batches = calibrated.calibration_batches(loaded.processor, calibration, cfg)
+    record = calibrated.autoround_quantize(loaded.model, loaded.processor, batches, chosen["decoder_layers"],
+                                           quantize.group_size(cfg.quantize, cfg.group_size), cfg.calibration_iters, out)
+    data = calibrated.calibration_data(cfg)
+    record |= {"dataset": data.dataset, "subset": data.subset, "clips": len(calibration),
+               "tokens": sum(int(b["input_ids"].numel()) for b in batches),
+               "audio_tokens": sum(int((b["input_ids"] == arch.audio_token_id(loaded.model)).sum()) for b in batches),
+               "seconds": round(time.perf_counter() - t0, 3)}
+    loaded, check = _checked(loaded, out, examples, cfg, reference)
+    return loaded, check, record
+
+
 def _checked(quantized: LoadedModel, out: Path, examples: Sequence[Example], cfg: ExportConfig,
              reference: list[Hypothesis]) -> tuple[LoadedModel, dict[str, Any]]:
     check, in_memory = quantized_reload_check(quantized, out, examples, cfg)
     check["vs_full_precision"] = {
         "identical_segments": sum(a.text == b.text for a, b in zip(reference, in_memory)),
         "token_agreement": round(token_agreement(reference, in_memory, quantized.processor.tokenizer), 6),
+        "chrf": chrf_agreement(in_memory, reference),
     }
     return quantized, check
 
@@ -467,7 +502,8 @@ def _prompt(source: Source, cfg: ExportConfig, loaded: LoadedModel) -> str:
 
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
                    check: dict[str, Any], timings: dict[str, float], parameters: int | None = None,
-                   trim: dict[str, Any] | None = None, trim_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+                   trim: dict[str, Any] | None = None, trim_inputs: dict[str, Any] | None = None,
+                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model card and manifest beside the weights; returns the model description."""
     scores = _scores(cfg)
     lang = _target_lang(source, cfg)
@@ -476,7 +512,8 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
     prompt = _prompt(source, cfg, loaded)
     if trim is not None:
         trim["bytes"] = _trim_sizes(trim, out, cfg, sizes["total"])
-    tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize == "nf4", cfg.quantize: cfg.quantize in ("int8", "hqq"),
+    tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize in ("nf4", "autoround"),
+            cfg.quantize: cfg.quantize in ("int8", "hqq", "autoround"), "compressed-tensors": cfg.quantize == "autoround",
             "lora-merged": source.adapter is not None, "vocab-trimmed": trim is not None}
     card = CardInfo(
         name=Path(cfg.output).name, target_lang=lang, base_model=origin["original_model"], upstream=origin["upstream"],
@@ -494,6 +531,7 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
         prompt_config=origin.get("prompt_config"),
         model=model | {"path": str(Path(cfg.output).resolve()), "bytes_on_disk": sizes["total"]},
         size=sizes, reload_check=check, scores=(scores or {}).get("scores"), vocab=trim,
+        **({"calibration": calibration} if calibration else {}),
     )
     atomic_write_json(out / MANIFEST, manifest)
     return model
@@ -508,6 +546,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     source = resolve_source(cfg)
     _scores(cfg)  # fail on a bad --scores before loading anything
     examples = check_examples(cfg)
+    calibration = calibrated.calibration_examples(cfg) if cfg.quantize == "autoround" else []
     origin = lineage(source)
     kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
@@ -520,7 +559,10 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
         if trim is not None:
             timings["trim_vocab"] = time.perf_counter() - t1
         parameters = count_parameters(loaded.model)
-        if cfg.quantize != "none":
+        record = None
+        if cfg.quantize == "autoround":
+            loaded, check, record = export_autoround(loaded, out, examples, calibration, cfg)
+        elif cfg.quantize != "none":
             loaded, check = export_nf4(loaded, out, examples, cfg)
         else:
             save_model(loaded.model, loaded.processor, out)
@@ -529,7 +571,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
         timings["save_and_check"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         model = _write_records(out, cfg, source, origin, loaded, check, timings, parameters, trim,
-                               kept.inputs if kept else None)
+                               kept.inputs if kept else None, calibration=record)
     log.info("exported %s (%s, %d decoder layers, %s) -> %s", source.kind, model["weights"], model["decoder_layers"],
              f"{weight_bytes(cfg.output) / 1e9:.3f} GB", cfg.output)
     return Path(cfg.output)
