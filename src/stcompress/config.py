@@ -549,6 +549,16 @@ class ExportConfig:
     check_segments: int = 4  # reload check: segments of `data` decoded before and after saving
     check_max_new_tokens: int = 16  # reload check: tokens decoded per segment
     check_min_agreement: float = 1.0  # nf4 reload check: greedy token agreement required (1.0 = exact)
+    # Remove decoder layers before exporting, as prune does: the first num_layers of this importance
+    # output's removal order (with size_budget and no num_layers: as many as the picker chooses).
+    importance: str | None = None
+    num_layers: int | None = None  # with importance: how many of its removal order to remove
+    # Pick the configuration predicted to fit, e.g. 4GB (GB = 10^9 bytes, as the IWSLT track counts),
+    # 1.5GiB (2^30), 500MB: layers (with importance) x format x bits per component; quantize other
+    # than none, bits and num_layers fix their part; keep_unquantized is not used
+    size_budget: str | None = None
+    budget_formats: tuple[str, ...] = ()  # formats size_budget may pick, in order of preference; empty: all this environment writes
+    budget_measure: Literal["both", "safetensors", "torch_save"] = "both"  # the measured bytes that must fit the budget
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
@@ -559,6 +569,7 @@ class ExportConfig:
         out = []
         if not self.input:
             out.append("input: required; give a finetune output directory or a model directory (--input DIR)")
+        out += budget_problems(self)
         bad = [c for c in self.keep_unquantized if c not in QUANTIZABLE_COMPONENTS]
         if bad:
             hint = " (embed_tokens is never quantized)" if "embed_tokens" in bad else ""
@@ -571,6 +582,33 @@ class ExportConfig:
         if not 0 < self.check_min_agreement <= 1:
             out.append("check_min_agreement: must be in (0, 1]; 1.0 requires identical greedy output")
         return out
+
+
+def budget_problems(cfg: Any) -> list[str]:
+    """Size budget and layer-removal options of an export config, before anything loads."""
+    from stcompress.budget import FORMAT_ORDER, parse_size
+
+    out = []
+    if cfg.size_budget is not None:
+        try:
+            parse_size(cfg.size_budget)
+        except ValueError as exc:
+            out.append(str(exc))
+    bad = [f for f in cfg.budget_formats if f not in FORMAT_ORDER]
+    if bad:
+        out.append(f"budget_formats: unknown format {bad[0]!r}; use any of {', '.join(FORMAT_ORDER)}")
+    if cfg.budget_formats and not cfg.size_budget:
+        out.append("budget_formats: only used with size_budget; drop it, or give --size-budget")
+    if cfg.budget_formats and cfg.quantize != "none":
+        out.append("budget_formats / quantize: give one (quantize fixes the format the size budget may pick)")
+    if cfg.num_layers is not None and not cfg.importance:
+        out.append("num_layers: only applies to an importance removal order; give --importance DIR, or leave it out")
+    if cfg.num_layers is not None and cfg.num_layers < 0:
+        out.append("num_layers: must not be negative (0 removes nothing)")
+    if cfg.importance and cfg.num_layers is None and not cfg.size_budget:
+        out.append("num_layers: required with importance (how many of its removal order to remove), unless "
+                   "size_budget picks it")
+    return out
 
 
 @dataclass(frozen=True)
