@@ -787,11 +787,19 @@ class RunConfig:
     dry_run: bool = False  # validate and print the plan (stage, output, inputs, skip or run), then exit
     from_stage: str | None = None  # rerun this stage and every later one, even if unchanged (--from)
     only: str | None = None  # run just this stage (its upstream outputs must be complete)
+    size_budget: str | None = None  # set every export stage's size_budget (e.g. 4GB = 4 x 10^9 bytes)
 
     def problems(self) -> list[str]:
         out = []
         if not self.recipe:
             out.append("recipe: required; give a recipe file (stcompress run recipes/de-model-b.yaml)")
+        if self.size_budget is not None:
+            from stcompress.budget import parse_size
+
+            try:
+                parse_size(self.size_budget)
+            except ValueError as exc:
+                out.append(str(exc))
         if self.from_stage and self.only:
             out.append("from_stage / only: give one of --from and --only, not both")
         return out
