@@ -806,6 +806,58 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`stcompress sweep`: a grid of exports (kept layers x precision x vocabulary), each evaluated on
+    dev and test through the `stcompress run` machinery, and the quality-vs-bytes report."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir", "input")
+
+    run_dir: str = ""  # the run directory: sweep.yaml (the generated recipe), sweep.json, one directory per stage, report/
+    input: str = ""  # the model to compress, as export's input: a finetune output or a model directory
+    base_model: str | None = None  # LoRA / QLoRA input: overrides the finetune manifest's base_model
+    importance: str | None = None  # an importance output: its removal order gives the kept layers below the input's own
+    layers: tuple[int, ...] = ()  # kept decoder layers per candidate, e.g. 32,24,16; empty: the input's own only
+    # Precision per candidate: bf16 | int8 | nf4 | hqq | hqqN (decoder, audio tower and projector in N bits),
+    # optionally :COMPONENT=BITS,... (e.g. hqq3:lm_head=8); the LM head stays bf16 unless named
+    precisions: tuple[str, ...] = ("bf16", "int8", "nf4")
+    trim: tuple[bool, ...] = (False,)  # vocabulary trimmed (true), not (false), or both (false,true); true needs export's trim_vocab
+    metrics: tuple[str, ...] = ("chrf", "chrf++")  # evaluate's metrics (COMET: set comet.model)
+    comet: CometConfig = field(default_factory=CometConfig)  # a COMET checkpoint scores every candidate; None: off
+    dev: DataConfig = field(default_factory=lambda: DataConfig(subset="dev", dev_size=100))  # the dev split each candidate is scored on (and its reload check)
+    test: DataConfig = field(default_factory=lambda: DataConfig(subset="test"))  # the test split each candidate is scored on
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # export dtype (merge, kept components)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (export and evaluation)
+    group_size: int = 64  # hqq: weights per scale/zero group
+    check_segments: int = 2  # export reload check: dev segments decoded before and after saving
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    restart: bool = False  # the inputs' content changed since the sweep began: redo every candidate
+    dry_run: bool = False  # print the candidates and the plan; write and run nothing
+
+    def problems(self) -> list[str]:
+        from stcompress.languages import known_languages
+
+        out = [] if self.input else ["input: required; give the model to compress (--input DIR)"]
+        if not self.run_dir:
+            out.append("run_dir: required; the directory the sweep writes (--run-dir runs/de-sweep)")
+        if not self.precisions:
+            out.append("precisions: give at least one (e.g. bf16,int8,nf4)")
+        if any(n < 1 for n in self.layers):
+            out.append("layers: kept decoder layers must be at least 1")
+        if len(set(self.layers)) != len(self.layers) or len(set(self.trim)) != len(self.trim) or not self.trim:
+            out.append("layers / trim: list each value once (trim: false, true or false,true)")
+        for name, data in (("dev", self.dev), ("test", self.test)):
+            if data.target_lang not in known_languages():
+                out.append(f"{name}.target_lang: unknown language code {data.target_lang!r}")
+        if self.dev.target_lang != self.test.target_lang:
+            out.append("dev.target_lang / test.target_lang: one language per sweep")
+        from stcompress.stages.sweep import precision_problems
+
+        out += precision_problems(self.precisions, self.group_size)
+        return out
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """`stcompress demo`: the whole pipeline, offline on CPU, on the built-in speech-translation task."""
 
