@@ -44,7 +44,7 @@ class Row:
     skipped: int = 0  # segments the evaluation could not score (unreadable audio, ...)
     layers_removed: int | None = None
     percent: dict[str, float] = field(default_factory=dict)
-    split: str | None = None  # the data subset the evaluate stage translated (dev, test, ...)
+    split: str | None = None  # what the evaluate stage translated: data.subset, or the dataset's name for "all"
 
     def score(self, metric: str) -> float | None:
         s = self.scores.get(metric)
@@ -67,7 +67,9 @@ def read_rows(dirs: list[Path]) -> list[Row]:
             continue
         s = json.loads((d / "scores.json").read_text(encoding="utf-8"))
         config = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("config") or {} if (d / MANIFEST).is_file() else {}
-        split = None if config.get("hypotheses") else (config.get("data") or {}).get("subset")
+        data = {} if config.get("hypotheses") else config.get("data") or {}
+        split = data.get("subset") if data.get("subset") not in (None, "all") else (
+            Path(str(data["dataset"])).stem if data.get("dataset") else None)  # e.g. dev.jsonl -> dev
         rows.append(Row(name=d.name, lang=s["target_lang"], scores=s.get("scores") or {}, model=s.get("model") or {},
                         speed=s.get("speed") or {}, segments=s.get("segments", 0), skipped=s.get("segments_skipped") or 0,
                         split=split))
