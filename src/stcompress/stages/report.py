@@ -68,8 +68,8 @@ def read_rows(dirs: list[Path]) -> list[Row]:
         s = json.loads((d / "scores.json").read_text(encoding="utf-8"))
         config = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("config") or {} if (d / MANIFEST).is_file() else {}
         data = {} if config.get("hypotheses") else config.get("data") or {}
-        split = data.get("subset") if data.get("subset") not in (None, "all") else (
-            Path(str(data["dataset"])).stem if data.get("dataset") else None)  # e.g. dev.jsonl -> dev
+        split = data.get("subset") if data.get("subset") not in (None, "all") else (  # dev.jsonl, builtin:demo-dev -> dev, demo-dev
+            Path(str(data["dataset"]).rsplit(":", 1)[-1]).stem if data.get("dataset") else None)
         rows.append(Row(name=d.name, lang=s["target_lang"], scores=s.get("scores") or {}, model=s.get("model") or {},
                         speed=s.get("speed") or {}, segments=s.get("segments", 0), skipped=s.get("segments_skipped") or 0,
                         split=split))
