@@ -35,7 +35,7 @@ from packaging.version import Version
 
 from stcompress import sizes
 from stcompress.model import arch
-from stcompress.quantize import KEEP
+from stcompress.quantize import KEEP, check_library
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -250,6 +250,8 @@ def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any]) -> tuple
         return cfg, Plan(removed=options[0][1], present=present)
     budget = parse_size(cfg.size_budget)
     formats = tuple(cfg.budget_formats) or ((cfg.quantize,) if cfg.quantize != "none" else available_formats())
+    for fmt in formats:
+        check_library(fmt)  # a listed format this environment cannot write: refused by name, before loading
     fixed = parse_bits(cfg.bits)
     layers = layer_options(order, present, cfg.num_layers)
     table = SizeTable(model_config, cfg.dtype, cfg.group_size)
@@ -292,6 +294,10 @@ def no_fit(cfg: Any, budget: int, space: Sequence[Candidate], formats: Sequence[
                      + ("; hqq needs transformers 4.57" if "hqq" in missing else "") + ")")
     if cfg.bits or cfg.num_layers is not None:
         fixes.append("fix fewer options (bits, num_layers)")
+    on_files = sum(fits(c, budget, "safetensors") for c in space) if cfg.budget_measure != "safetensors" else 0
+    if on_files:
+        fixes.append(f"count the files only (--budget-measure safetensors: {on_files:,} configurations fit; "
+                     "torch.save counts what the reloaded model holds, fp32 for HQQ on transformers 4.57)")
     return (f"size_budget: {cfg.size_budget} ({budget:,} bytes): no configuration is predicted to fit; the smallest is "
             f"{show_size(max(smallest.predicted, smallest.predicted_torch_save))} ({smallest.describe()}); "
             + ", or ".join(fixes))
