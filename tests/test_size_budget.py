@@ -205,13 +205,15 @@ def test_measured_over_budget_fails_and_leaves_nothing(tmp_path, tiny_model_dir,
 
 def test_run_size_budget_reaches_every_export_stage(tmp_path, tiny_model_dir):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "stages": [
+    recipe.write_text(json.dumps({"run_dir": str(tmp_path / "run"), "stages": [  # de-model-b's end: bf16 merge -> nf4
         {"name": "export", "stage": "export", "config": {"input": str(tiny_model_dir)}},
-        {"name": "eval", "stage": "evaluate", "config": {"model": {"path": "${export}"}}}]}))
+        {"name": "eval", "stage": "evaluate", "config": {"model": {"path": "${export}"}}},
+        {"name": "export-nf4", "stage": "export", "config": {"input": "${export}", "quantize": "nf4"}}]}))
     parsed = run_stage.with_size_budget(run_stage.parse_recipe(recipe), "2GB")
-    assert parsed.step("export").config.size_budget == "2GB" and parsed.step("eval").stage == "evaluate"
+    assert parsed.step("export-nf4").config.size_budget == "2GB"
+    assert parsed.step("export").config.size_budget is None  # it feeds another export: left as it is
     plain = run_stage.parse_recipe(recipe)
-    assert parsed.step("export").config_hash() != plain.step("export").config_hash()  # so a finished export reruns
+    assert parsed.step("export-nf4").config_hash() != plain.step("export-nf4").config_hash()  # so a finished export reruns
     only_eval = tmp_path / "e.yaml"
     only_eval.write_text(json.dumps({"run_dir": str(tmp_path / "run2"), "stages": [
         {"name": "eval", "stage": "evaluate", "config": {"model": {"path": str(tiny_model_dir)}}}]}))

@@ -333,10 +333,12 @@ def check_inputs(recipe: Recipe, decisions: dict[str, str]) -> list[str]:
 
 
 def with_size_budget(recipe: Recipe, size_budget: str | None) -> Recipe:
-    """`run --size-budget`: every export stage gets it (its config hash changes, so it reruns)."""
+    """`run --size-budget`: every export stage that no other export reads (a bf16 merge feeding an
+    NF4 export stays as it is) gets it; its config hash changes, so it reruns."""
     if not size_budget:
         return recipe
-    exports = [s for s in recipe.steps if s.stage == "export"]
+    feeding = {r for s in recipe.steps if s.stage == "export" for r in s.reads}
+    exports = [s for s in recipe.steps if s.stage == "export" and s.name not in feeding]
     if not exports:
         raise ConfigError([f"size_budget: {recipe.path} has no export stage to apply it to; drop --size-budget"])
     for step in exports:

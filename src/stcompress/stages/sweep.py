@@ -26,6 +26,7 @@ from stcompress import budget, quantize
 from stcompress.artifacts import atomic_write_json, atomic_write_text, content_identity, path_identity
 from stcompress.config import ExportConfig, RunConfig, SweepConfig, to_dict
 from stcompress.errors import ConfigError, StcompressError
+from stcompress.model import arch
 from stcompress.outputs import claim
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def _layers(cfg: SweepConfig) -> tuple[int, list[int], list[int]]:
     from stcompress.stages.export import lineage, resolve_source
 
     source = resolve_source(ExportConfig(input=cfg.input, base_model=cfg.base_model))
-    layers_now = transformers.AutoConfig.from_pretrained(source.model_path).text_config.num_hidden_layers
+    layers_now = arch.text_config(transformers.AutoConfig.from_pretrained(source.model_path)).num_hidden_layers
     if not cfg.importance:
         return layers_now, [], list(range(layers_now))
     order, present = budget.present_layers(cfg.importance, layers_now, lineage(source))
