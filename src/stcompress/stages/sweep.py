@@ -174,7 +174,10 @@ def run(cfg: SweepConfig, *, progress: bool = True) -> Path:
     for p in points:
         log.info("candidate %s: %d layers, %s%s", p.name, p.kept_layers, p.precision, ", trimmed" if p.trim else "")
     if cfg.dry_run:
-        print(runner.format_plan(parsed, runner.decide(parsed, RunConfig(recipe=str(path)))))
+        decisions = runner.decide(parsed, RunConfig(recipe=str(path)))
+        print(runner.format_plan(parsed, decisions))
+        if problems := runner.check_inputs(parsed, decisions):
+            raise ConfigError(problems)
         return run_dir
     with claim(run_dir, in_place=(runner.PLAN, "manifest.json", RECIPE, RECORD), shared=True, item="run_dir"):
         run_dir.mkdir(parents=True, exist_ok=True)
