@@ -231,3 +231,13 @@ def test_fixed_options_restrict_the_space(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="ranks the layers of a 6-layer model"):
         budget.plan_export(_cfg(tmp_path, tiny_model_dir, importance=str(_importance(tmp_path, [1], 6)), num_layers=1),
                            config, {})
+
+
+def test_min_bits_keeps_low_widths_out_of_the_space(tiny_model_dir):
+    table = _table(tiny_model_dir)
+    space = list(budget.candidates(table, ("nf4", "int8"), {}, [(0, [])], 4, min_bits=5))
+    assert {c.fmt for c in space} == {"int8"}  # nf4 has no width >= 5 for its decoder
+    assert all(b >= 5 for c in space for _, b in c.bits)
+    assert any(c.bit("lm_head") == 4 for c in budget.candidates(table, ("nf4",), {}, [(0, [])], 4))
+    with pytest.raises(ConfigError, match="budget_min_bits: 1 is outside 2..16"):
+        load_config(ExportConfig, {"input": "x", "size_budget": "4GB", "budget_min_bits": 1})

@@ -7,7 +7,7 @@ The space: kept decoder layers (the first K of an importance search's removal or
 all; only the input's own layers without one) x format (none, int8, nf4, hqq: those this
 environment writes, or `budget_formats`) x bits of the decoder layers, LM head, audio tower and
 projector (each a width the format stores, or 16 = kept in the export dtype; bitsandbytes always
-quantizes the decoder; hqq's 1-bit is left out) x vocabulary (not trimmed, or a trimmed size).
+quantizes the decoder; hqq's 1-bit is left out, and widths below `budget_min_bits`) x vocabulary (not trimmed, or a trimmed size).
 Options the user set are fixed: `quantize` other than none (the format), `bits` (those
 components), `num_layers` (the layers). Sizes come from `stcompress.sizes.predict`, exact for the
 tensors; a candidate fits when its predicted bytes plus MARGIN (headers, torch.save's zip records)
@@ -133,10 +133,10 @@ def layer_options(order: Sequence[int], present: Sequence[int], fixed: int | Non
     return out
 
 
-def _bit_choices(fmt: str, fixed: Mapping[str, int]) -> list[dict[str, int]]:
-    values = {c: (fixed[c],) if c in fixed else PICK_BITS[fmt] for c in VARIED}
+def _bit_choices(fmt: str, fixed: Mapping[str, int], min_bits: int = 2) -> list[dict[str, int]]:
+    values = {c: (fixed[c],) if c in fixed else tuple(b for b in PICK_BITS[fmt] if b >= min_bits) for c in VARIED}
     if fmt in ("int8", "nf4") and "decoder_layers" not in fixed:
-        values["decoder_layers"] = PICK_BITS[fmt][:1]  # bitsandbytes always quantizes the decoder
+        values["decoder_layers"] = tuple(b for b in PICK_BITS[fmt][:1] if b >= min_bits)  # bitsandbytes always quantizes it
     return [dict(zip(VARIED, combo)) for combo in product(*(values[c] for c in VARIED))]
 
 
@@ -177,11 +177,11 @@ def reload_dtype(fmt: str, dtype: str) -> str:
 
 
 def candidates(table: SizeTable, formats: Sequence[str], fixed_bits: Mapping[str, int],
-               layers: Sequence[tuple[int, list[int]]], present: int, vocabs: Sequence[int | None] = (None,)
-               ) -> Iterator[Candidate]:
-    """Every configuration of the space (module docstring), with its predicted sizes."""
+               layers: Sequence[tuple[int, list[int]]], present: int, vocabs: Sequence[int | None] = (None,),
+               min_bits: int = 2) -> Iterator[Candidate]:
+    """Every configuration of the space (module docstring), no picked width below `min_bits`."""
     for fmt in formats:
-        for bits in _bit_choices(fmt, fixed_bits):
+        for bits in _bit_choices(fmt, fixed_bits, min_bits):
             full = tuple((c, bits.get(c, KEEP)) for c in ("audio_tower", "projector", "decoder_layers", "lm_head",
                                                           "embed_tokens"))
             for (k, removed), vocab in product(layers, vocabs):
@@ -255,7 +255,8 @@ def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any]) -> tuple
     fixed = parse_bits(cfg.bits)
     layers = layer_options(order, present, cfg.num_layers)
     table = SizeTable(model_config, cfg.dtype, cfg.group_size)
-    space = list(candidates(table, formats, fixed, layers, len(present), vocab_options(cfg, model_config)))
+    space = list(candidates(table, formats, fixed, layers, len(present), vocab_options(cfg, model_config),
+                            cfg.budget_min_bits))
     best = choose(space, budget, cfg.budget_measure, formats)
     if best is None:
         raise ConfigError([no_fit(cfg, budget, space, formats)])
@@ -294,6 +295,8 @@ def no_fit(cfg: Any, budget: int, space: Sequence[Candidate], formats: Sequence[
                      + ("; hqq needs transformers 4.57" if "hqq" in missing else "") + ")")
     if cfg.bits or cfg.num_layers is not None:
         fixes.append("fix fewer options (bits, num_layers)")
+    if cfg.budget_min_bits > 2:
+        fixes.append(f"allow lower bits (budget_min_bits {cfg.budget_min_bits})")
     on_files = sum(fits(c, budget, "safetensors") for c in space) if cfg.budget_measure != "safetensors" else 0
     if on_files:
         fixes.append(f"count the files only (--budget-measure safetensors: {on_files:,} configurations fit; "

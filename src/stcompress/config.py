@@ -559,6 +559,8 @@ class ExportConfig:
     size_budget: str | None = None
     budget_formats: tuple[str, ...] = ()  # formats size_budget may pick, in order of preference; empty: all this environment writes
     budget_measure: Literal["both", "safetensors", "torch_save"] = "both"  # the measured bytes that must fit the budget
+    # the lowest width size_budget may give a component it picks (2 allows hqq 2-bit; 3 or 4 trades layers for bits)
+    budget_min_bits: int = 2
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
@@ -597,6 +599,8 @@ def budget_problems(cfg: Any) -> list[str]:
     bad = [f for f in cfg.budget_formats if f not in FORMAT_ORDER]
     if bad:
         out.append(f"budget_formats: unknown format {bad[0]!r}; use any of {', '.join(FORMAT_ORDER)}")
+    if not 2 <= cfg.budget_min_bits <= 16:
+        out.append(f"budget_min_bits: {cfg.budget_min_bits} is outside 2..16")
     if cfg.budget_formats and not cfg.size_budget:
         out.append("budget_formats: only used with size_budget; drop it, or give --size-budget")
     if cfg.budget_formats and cfg.quantize != "none":
