@@ -6,6 +6,16 @@ Uses stcompress.budget on the 7B config (meta device, no weights) with an import
 removes the middle layers first (any order gives the same sizes: the layers are identical in
 shape) and layers 0 and 31 protected, as the paper's search does. The real picks need the real
 importance order; the sizes do not.
+
+Printed on CPU (predictions; rule of stcompress.budget; default budget_min_bits 2):
+- transformers 5.x (none, int8, nf4), either measure: 32 layers fit no budget of 4 GB or less;
+  with the importance order, 4 GB -> 19 layers, nf4 with LM head and audio tower in NF4 too
+  (3.943 GB); 2 GB and 1 GB: nothing (the bf16 embedding alone is 1.28 GB).
+- transformers 4.57 with hqq, `--measure both`: the same picks (HQQ reloads in fp32, so its
+  torch.save count is ~1.5x its files); `--measure safetensors`: 4 GB -> 32 layers, hqq decoder
+  2-bit, LM head 4, audio tower 2 (3.886 GB files, 5.675 GB torch.save); 2 GB -> 4 layers at
+  2-bit (1.954 GB); 1 GB: nothing. The rule keeps layers before bits, so budget_min_bits 3 is the
+  knob for quality; vocabulary trimming is what opens the 1-2 GB bin to a deep model.
 """
 
 from __future__ import annotations
