@@ -30,6 +30,7 @@ from stcompress.config import (
     PruneConfig,
     ReportConfig,
     RunConfig,
+    SweepConfig,
     TranslateConfig,
     config_yaml,
     field_help,
@@ -83,9 +84,10 @@ COMMANDS: dict[str, Command] = {  # in pipeline order
     "export": Command(ExportConfig, "merge LoRA, save (optionally NF4 4-bit) with a model card; reload-checked"),
     "report": Command(ReportConfig, "render a run's results (tables, plots) into report.md and report.html", positional="run_dir"),
     "run": Command(RunConfig, "run a YAML recipe's stages into one run directory (skips unchanged stages)", positional="recipe"),
+    "sweep": Command(SweepConfig, "quality-vs-bytes Pareto sweep: a grid of exports, each evaluated on dev and test -> report"),
     "demo": Command(DemoConfig, "the whole pipeline on the built-in task, offline on CPU in a few minutes -> report"),
 }
-RUNNERS = ("run", "demo")  # commands that drive other stages (never a recipe stage themselves)
+RUNNERS = ("run", "sweep", "demo")  # commands that drive other stages (never a recipe stage themselves)
 OVERWRITE_HELP = ("an output directory holding files stcompress did not write is moved aside to <name>.replaced-<time> "
                   "(never deleted) instead of refused; our own finished outputs are replaced without it")
 

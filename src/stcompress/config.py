@@ -571,6 +571,18 @@ class ExportConfig:
     # Keep only the tokens of the target language's texts (vocab), slice embedding and LM head; before quantizing
     trim_vocab: bool = False
     vocab: VocabConfig = field(default_factory=VocabConfig)
+    # Remove decoder layers before exporting, as prune does: the first num_layers of this importance
+    # output's removal order (with size_budget and no num_layers: as many as the picker chooses).
+    importance: str | None = None
+    num_layers: int | None = None  # with importance: how many of its removal order to remove
+    # Pick the configuration predicted to fit, e.g. 4GB (GB = 10^9 bytes, as the IWSLT track counts),
+    # 1.5GiB (2^30), 500MB: layers (with importance) x format x bits per component; quantize other
+    # than none, bits and num_layers fix their part; keep_unquantized is not used
+    size_budget: str | None = None
+    budget_formats: tuple[str, ...] = ()  # formats size_budget may pick, in order of preference; empty: all this environment writes
+    budget_measure: Literal["both", "safetensors", "torch_save"] = "both"  # the measured bytes that must fit the budget
+    # the lowest width size_budget may give a component it picks (2 allows hqq 2-bit; 3 or 4 trades layers for bits)
+    budget_min_bits: int = 2
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # the reload check's decoding
@@ -581,6 +593,7 @@ class ExportConfig:
         out = []
         if not self.input:
             out.append("input: required; give a finetune output directory or a model directory (--input DIR)")
+        out += budget_problems(self)
         bad = [c for c in self.keep_unquantized if c not in QUANTIZABLE_COMPONENTS]
         if bad:
             hint = " (embed_tokens is never quantized)" if "embed_tokens" in bad else ""
@@ -602,6 +615,35 @@ class ExportConfig:
                                     or self.vocab.keep_first):
             out.append("vocab: set only with trim_vocab; add --trim-vocab or drop the vocab options")
         return out
+
+
+def budget_problems(cfg: Any) -> list[str]:
+    """Size budget and layer-removal options of an export config, before anything loads."""
+    from stcompress.budget import FORMAT_ORDER, parse_size
+
+    out = []
+    if cfg.size_budget is not None:
+        try:
+            parse_size(cfg.size_budget)
+        except ValueError as exc:
+            out.append(str(exc))
+    bad = [f for f in cfg.budget_formats if f not in FORMAT_ORDER]
+    if bad:
+        out.append(f"budget_formats: unknown format {bad[0]!r}; use any of {', '.join(FORMAT_ORDER)}")
+    if not 2 <= cfg.budget_min_bits <= 16:
+        out.append(f"budget_min_bits: {cfg.budget_min_bits} is outside 2..16")
+    if cfg.budget_formats and not cfg.size_budget:
+        out.append("budget_formats: only used with size_budget; drop it, or give --size-budget")
+    if cfg.budget_formats and cfg.quantize != "none":
+        out.append("budget_formats / quantize: give one (quantize fixes the format the size budget may pick)")
+    if cfg.num_layers is not None and not cfg.importance:
+        out.append("num_layers: only applies to an importance removal order; give --importance DIR, or leave it out")
+    if cfg.num_layers is not None and cfg.num_layers < 0:
+        out.append("num_layers: must not be negative (0 removes nothing)")
+    if cfg.importance and cfg.num_layers is None and not cfg.size_budget:
+        out.append("num_layers: required with importance (how many of its removal order to remove), unless "
+                   "size_budget picks it")
+    return out
 
 
 @dataclass(frozen=True)
@@ -786,13 +828,73 @@ class RunConfig:
     dry_run: bool = False  # validate and print the plan (stage, output, inputs, skip or run), then exit
     from_stage: str | None = None  # rerun this stage and every later one, even if unchanged (--from)
     only: str | None = None  # run just this stage (its upstream outputs must be complete)
+    size_budget: str | None = None  # set every export stage's size_budget (e.g. 4GB = 4 x 10^9 bytes)
 
     def problems(self) -> list[str]:
         out = []
         if not self.recipe:
             out.append("recipe: required; give a recipe file (stcompress run recipes/de-model-b.yaml)")
+        if self.size_budget is not None:
+            from stcompress.budget import parse_size
+
+            try:
+                parse_size(self.size_budget)
+            except ValueError as exc:
+                out.append(str(exc))
         if self.from_stage and self.only:
             out.append("from_stage / only: give one of --from and --only, not both")
+        return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`stcompress sweep`: a grid of exports (kept layers x precision x vocabulary), each evaluated on
+    dev and test through the `stcompress run` machinery, and the quality-vs-bytes report."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir", "input")
+
+    run_dir: str = ""  # the run directory: sweep.yaml (the generated recipe), sweep.json, one directory per stage, report/
+    input: str = ""  # the model to compress, as export's input: a finetune output or a model directory
+    base_model: str | None = None  # LoRA / QLoRA input: overrides the finetune manifest's base_model
+    importance: str | None = None  # an importance output: its removal order gives the kept layers below the input's own
+    layers: tuple[int, ...] = ()  # kept decoder layers per candidate, e.g. 32,24,16; empty: the input's own only
+    # Precision per candidate: bf16 | int8 | nf4 | hqq | hqqN (decoder, audio tower and projector in N bits),
+    # optionally :COMPONENT=BITS,... (e.g. hqq3:lm_head=8); the LM head stays bf16 unless named
+    precisions: tuple[str, ...] = ("bf16", "int8", "nf4")
+    trim: tuple[bool, ...] = (False,)  # vocabulary trimmed (true), not (false), or both (false,true); true needs export's trim_vocab
+    metrics: tuple[str, ...] = ("chrf", "chrf++")  # evaluate's metrics (COMET: set comet.model)
+    comet: CometConfig = field(default_factory=CometConfig)  # a COMET checkpoint scores every candidate; None: off
+    dev: DataConfig = field(default_factory=lambda: DataConfig(subset="dev", dev_size=100))  # the dev split each candidate is scored on (and its reload check)
+    test: DataConfig = field(default_factory=lambda: DataConfig(subset="test"))  # the test split each candidate is scored on
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # export dtype (merge, kept components)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (export and evaluation)
+    group_size: int = 64  # hqq: weights per scale/zero group
+    check_segments: int = 2  # export reload check: dev segments decoded before and after saving
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    restart: bool = False  # the inputs' content changed since the sweep began: redo every candidate
+    dry_run: bool = False  # print the candidates and the plan; write and run nothing
+
+    def problems(self) -> list[str]:
+        from stcompress.languages import known_languages
+
+        out = [] if self.input else ["input: required; give the model to compress (--input DIR)"]
+        if not self.run_dir:
+            out.append("run_dir: required; the directory the sweep writes (--run-dir runs/de-sweep)")
+        if not self.precisions:
+            out.append("precisions: give at least one (e.g. bf16,int8,nf4)")
+        if any(n < 1 for n in self.layers):
+            out.append("layers: kept decoder layers must be at least 1")
+        if len(set(self.layers)) != len(self.layers) or len(set(self.trim)) != len(self.trim) or not self.trim:
+            out.append("layers / trim: list each value once (trim: false, true or false,true)")
+        for name, data in (("dev", self.dev), ("test", self.test)):
+            if data.target_lang not in known_languages():
+                out.append(f"{name}.target_lang: unknown language code {data.target_lang!r}")
+        if self.dev.target_lang != self.test.target_lang:
+            out.append("dev.target_lang / test.target_lang: one language per sweep")
+        from stcompress.stages.sweep import precision_problems
+
+        out += precision_problems(self.precisions, self.group_size)
         return out
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
-STAGES = ("translate", "evaluate", "importance", "prune", "distill", "finetune", "export", "report", "run", "demo")
+STAGES = ("translate", "evaluate", "importance", "prune", "distill", "finetune", "export", "report", "run", "sweep", "demo")
 # Our own temp and leftover names, `.<name>.<suffix>`: atomic writes, staging, the lock.
 TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:[A-Za-z0-9_]+\.tmp|tmp\.png|partial-[A-Za-z0-9_]+|partial|old-[0-9-]+|lock)$")
 # Config keys naming inputs (when they exist on disk): an output must never hold one.

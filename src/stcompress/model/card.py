@@ -36,6 +36,8 @@ class CardInfo:
     scores: dict[str, Any] | None = None  # an evaluate scores.json
     extra_tags: list[str] = field(default_factory=list)
     vocab: dict[str, Any] | None = None  # the vocab_trim record, when the vocabulary was trimmed
+    measured: dict[str, Any] | None = None  # export.measure: safetensors and torch.save bytes
+    size_budget: dict[str, Any] | None = None  # the size-budget pick (stcompress.budget)
 
 
 def public(value: object) -> str:
@@ -95,6 +97,19 @@ def _sizes(info: CardInfo) -> Iterator[str]:
         dtypes = info.sizes.get("dtypes", {}).get(name, {})
         stored = ", ".join(f"{d} {_gb(b)}" for d, b in sorted(dtypes.items(), key=lambda kv: -kv[1])) or "headers, index"
         yield f"| {name} | {size:,} | {100 * size / total:.1f}% | {stored} |"
+
+
+def _track_sizes(info: CardInfo) -> Iterator[str]:
+    """The two byte counts the IWSLT compression track uses, and the size budget when one was given."""
+    m, b = info.measured, info.size_budget
+    if m:
+        yield f"- `*.safetensors` files: {m['safetensors']:,} bytes ({_gb(m['safetensors'])})"
+        yield f"- `torch.save(model.state_dict())`: {m['torch_save']:,} bytes ({_gb(m['torch_save'])}), loaded as `{m['torch_save_loaded_as']}`"
+    if b:
+        p = b["picked"]
+        yield (f"- size budget {b['budget']} ({b['budget_bytes']:,} bytes, measured on {b['measure']}): picked {p['description']} "
+               f"of {b['candidates']:,} configurations ({b['fitting']:,} predicted to fit); predicted "
+               f"{p['predicted_safetensors']:,} bytes")
 
 
 def _precision(info: CardInfo) -> Iterator[str]:
@@ -244,6 +259,8 @@ def render_card(info: CardInfo) -> str:
     if training:
         lines += ["## Training", ""] + training + [""]
     lines += ["## Size on disk per component", ""] + list(_sizes(info)) + [""]
+    if info.measured or info.size_budget:
+        lines += ["## Size as the IWSLT track counts it", ""] + list(_track_sizes(info)) + [""]
     lines += list(_precision(info))
     lines += list(_vocab(info))
     if info.scores:

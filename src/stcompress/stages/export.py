@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from stcompress.artifacts import MANIFEST, atomic_write_json, atomic_write_text, build_manifest, path_identity, staged_output
 from stcompress.config import ExportConfig, ModelConfig, to_dict
@@ -45,7 +46,9 @@ from stcompress.model import arch
 from stcompress.model.card import CardInfo, render_card
 from stcompress.model.load import LoadedModel, check_model_dir, load_model, quantization_config, resolve_model_path
 from stcompress.model.save import reload_check, save_model
-from stcompress import calibrated, quantize, sizes as size_model, vocab_trim
+from stcompress import budget, calibrated, quantize, sizes as size_model, vocab_trim
+from stcompress.metrics import storage
+from stcompress.model.layers import remove_decoder_layers
 from stcompress.outputs import claims_output
 from stcompress.prompt import PromptBuilder
 from stcompress.translate import Hypothesis, Translator
@@ -503,7 +506,8 @@ def _prompt(source: Source, cfg: ExportConfig, loaded: LoadedModel) -> str:
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
                    check: dict[str, Any], timings: dict[str, float], parameters: int | None = None,
                    trim: dict[str, Any] | None = None, trim_inputs: dict[str, Any] | None = None,
-                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                   calibration: dict[str, Any] | None = None, measured: dict[str, Any] | None = None,
+                   picked: dict[str, Any] | None = None) -> dict[str, Any]:
     """Model card and manifest beside the weights; returns the model description."""
     scores = _scores(cfg)
     lang = _target_lang(source, cfg)
@@ -519,11 +523,12 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
         name=Path(cfg.output).name, target_lang=lang, base_model=origin["original_model"], upstream=origin["upstream"],
         model=model, sizes=sizes, reload_check=check, prompt=prompt, removed_layers=origin.get("removed_layers"),
         layer_map=origin.get("layer_map"), training=origin.get("finetune"), scores=scores,
-        extra_tags=[t for t, on in tags.items() if on], vocab=trim,
+        extra_tags=[t for t, on in tags.items() if on], vocab=trim, measured=measured, size_budget=picked,
     )
     atomic_write_text(out / CARD, render_card(card))
+    inputs = _inputs(source) | ({"importance": path_identity(Path(cfg.importance) / MANIFEST)} if cfg.importance else {})
     manifest = build_manifest(
-        "export", to_dict(cfg), _inputs(source) | (trim_inputs or {}), timings,
+        "export", to_dict(cfg), inputs | (trim_inputs or {}), timings,
         source={"kind": source.kind, "model": source.model_path, "adapter": str(source.adapter) if source.adapter else None},
         base_model=source.root, original_model=origin["original_model"], upstream=origin["upstream"],
         removed_layers=origin.get("removed_layers"), layer_map=origin.get("layer_map"),
@@ -531,10 +536,34 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
         prompt_config=origin.get("prompt_config"),
         model=model | {"path": str(Path(cfg.output).resolve()), "bytes_on_disk": sizes["total"]},
         size=sizes, reload_check=check, scores=(scores or {}).get("scores"), vocab=trim,
-        **({"calibration": calibration} if calibration else {}),
+        measured_bytes=measured, size_budget=picked, **({"calibration": calibration} if calibration else {}),
     )
     atomic_write_json(out / MANIFEST, manifest)
     return model
+
+
+def _remove_layers(loaded: LoadedModel, plan: budget.Plan, origin: dict[str, Any]) -> dict[str, Any]:
+    """Drop the plan's layers (original numbering) as prune does; the lineage with the new layer map."""
+    if not plan.removed:
+        return origin
+    current = [plan.present.index(i) for i in plan.removed]
+    keep = remove_decoder_layers(loaded.model, current)
+    log.info("removed decoder layers %s (original numbering) of the importance order", sorted(plan.removed))
+    return origin | {"removed_layers": sorted({*(origin.get("removed_layers") or []), *plan.removed}),
+                     "layer_map": [plan.present[i] for i in keep]}
+
+
+def measure(out: Path, cfg: ExportConfig, device: str) -> dict[str, Any]:
+    """Bytes as the track counts them: the *.safetensors files, and torch.save of the state dict of the
+    export loaded back with plain from_pretrained (in the dtype it computes in)."""
+    dtype = budget.reload_dtype(cfg.quantize, cfg.dtype)
+    device_map = device if cfg.quantize == "int8" else None
+    reloaded = load_model(ModelConfig(path=str(out), dtype=dtype, device=device, device_map=device_map))
+    saved = storage.torch_save_bytes(reloaded.model)
+    del reloaded
+    _release_memory()
+    return {"safetensors": storage.safetensors_bytes(out), "torch_save": saved,
+            "torch_save_loaded_as": f"from_pretrained(dtype={dtype}); torch.save(model.state_dict(), 'archive.pt')"}
 
 
 @claims_output()
@@ -548,10 +577,13 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     examples = check_examples(cfg)
     calibration = calibrated.calibration_examples(cfg) if cfg.quantize == "autoround" else []
     origin = lineage(source)
+    cfg, plan = budget.plan_export(cfg, transformers.AutoConfig.from_pretrained(source.model_path), origin)
+    check_bitsandbytes(cfg)  # the picked format's library
     kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
     if source.adapter is not None:
         merge_adapter(loaded, source.adapter)
+    origin = _remove_layers(loaded, plan, origin)
     timings = {"load_and_merge": time.perf_counter() - t0}
     with staged_output(cfg.output) as out:
         t1 = time.perf_counter()
@@ -559,6 +591,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
         if trim is not None:
             timings["trim_vocab"] = time.perf_counter() - t1
         parameters = count_parameters(loaded.model)
+        device = str(loaded.device)
         record = None
         if cfg.quantize == "autoround":
             loaded, check, record = export_autoround(loaded, out, examples, calibration, cfg)
@@ -569,9 +602,13 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
             check = reload_check(loaded.model, loaded.processor, out, examples, max_new_tokens=cfg.check_max_new_tokens,
                                  generation=cfg.generation)
         timings["save_and_check"] = time.perf_counter() - t1
+        measured = measure(out, cfg, device)
+        if cfg.size_budget:
+            budget.check_fit(cfg, measured)  # raises inside staged_output: nothing is left that looks complete
         timings["total"] = time.perf_counter() - t0
         model = _write_records(out, cfg, source, origin, loaded, check, timings, parameters, trim,
-                               kept.inputs if kept else None, calibration=record)
+                               kept.inputs if kept else None, calibration=record, measured=measured,
+                               picked=plan.record)
     log.info("exported %s (%s, %d decoder layers, %s) -> %s", source.kind, model["weights"], model["decoder_layers"],
              f"{weight_bytes(cfg.output) / 1e9:.3f} GB", cfg.output)
     return Path(cfg.output)

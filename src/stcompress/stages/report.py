@@ -44,6 +44,7 @@ class Row:
     skipped: int = 0  # segments the evaluation could not score (unreadable audio, ...)
     layers_removed: int | None = None
     percent: dict[str, float] = field(default_factory=dict)
+    split: str | None = None  # what the evaluate stage translated: data.subset, or the dataset's name for "all"
 
     def score(self, metric: str) -> float | None:
         s = self.scores.get(metric)
@@ -65,9 +66,27 @@ def read_rows(dirs: list[Path]) -> list[Row]:
         if not (d / "scores.json").is_file():
             continue
         s = json.loads((d / "scores.json").read_text(encoding="utf-8"))
+        config = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("config") or {} if (d / MANIFEST).is_file() else {}
+        data = {} if config.get("hypotheses") else config.get("data") or {}
+        split = data.get("subset") if data.get("subset") not in (None, "all") else (  # dev.jsonl, builtin:demo-dev -> dev, demo-dev
+            Path(str(data["dataset"]).rsplit(":", 1)[-1]).stem if data.get("dataset") else None)
         rows.append(Row(name=d.name, lang=s["target_lang"], scores=s.get("scores") or {}, model=s.get("model") or {},
-                        speed=s.get("speed") or {}, segments=s.get("segments", 0), skipped=s.get("segments_skipped") or 0))
+                        speed=s.get("speed") or {}, segments=s.get("segments", 0), skipped=s.get("segments_skipped") or 0,
+                        split=split))
     return rows
+
+
+def groups(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows per language, and per data subset where one language was evaluated on several (a sweep's
+    dev and test): scores of different segments never share a table, a percentage or a frontier."""
+    out: dict[str, list[Row]] = {}
+    for lang in dict.fromkeys(r.lang for r in rows):
+        group = [r for r in rows if r.lang == lang]
+        splits = list(dict.fromkeys(r.split for r in group))
+        for split in splits:
+            key = lang if len(splits) == 1 else f"{lang}-{split or 'scored'}"
+            out[key] = [r for r in group if r.split == split]
+    return out
 
 
 def relate(rows: list[Row], teacher: str | None) -> dict[str, Row]:
@@ -75,10 +94,9 @@ def relate(rows: list[Row], teacher: str | None) -> dict[str, Row]:
     if teacher and not any(r.name == teacher for r in rows):
         raise StcompressError(f"teacher: no evaluate output named {teacher!r}; choose one of {', '.join(r.name for r in rows)}")
     teachers = {}
-    for lang in dict.fromkeys(r.lang for r in rows):
-        group = [r for r in rows if r.lang == lang]
+    for key, group in groups(rows).items():
         ref = next((r for r in group if r.name == teacher), None) or next((r for r in group if "teacher" in r.name), group[0])
-        teachers[lang] = ref
+        teachers[key] = ref
         depth = max((r.model.get("decoder_layers") or 0) for r in group)
         for r in group:
             if r.model.get("decoder_layers"):
@@ -130,6 +148,49 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats on both size (smaller) and quality (higher)."""
     return [i for i, (b, q) in enumerate(points)
             if not any((b2 <= b and q2 >= q) and (b2 < b or q2 > q) for b2, q2 in points)]
+
+
+def storage_bin(n: int) -> str:
+    """The track's storage bin of a size in bytes; a bin's upper edge is in it (exactly 2 GB: 1-2 GB)."""
+    return next((label for _, hi, label in STORAGE_BINS if n <= hi), "> 4 GB")
+
+
+def frontier(points: list[tuple[float | None, float | None]]) -> list[bool]:
+    """Per (bytes, quality) point: on the Pareto frontier; a point missing either value is not."""
+    known = [i for i, (b, q) in enumerate(points) if b is not None and q is not None]
+    front = {known[j] for j in pareto([points[i] for i in known])}  # type: ignore[misc]
+    return [i in front for i in range(len(points))]
+
+
+SWEEP_NOTE = ("Bytes: the sum of the candidate's *.safetensors files and torch.save(model.state_dict()) of it reloaded, "
+              "as its export measured them; bins are the IWSLT 2025 storage bins (10^9-byte GB). Frontier: no other "
+              "candidate is at most as large and at least as good on that split, and better on one of the two.")
+
+
+def sweep_table(run_dir: Path, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Every candidate of <run_dir>/sweep.json: precision, measured bytes, bin, dev and test scores, frontier marks."""
+    cands = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))["candidates"]
+    by_name = {r.name: r for r in rows}
+    sizes = []
+    for c in cands:
+        manifest = run_dir / c["name"] / MANIFEST
+        sizes.append((json.loads(manifest.read_text(encoding="utf-8")).get("measured_bytes") if manifest.is_file() else None) or {})
+    head = ["candidate", "LM layers", "precision", "vocabulary", "*.safetensors", "torch.save", "bin"]
+    body = [[c["name"], str(c["kept_layers"]), c["precision"], "trimmed" if c.get("trim") else "full",
+             _size(size.get("safetensors")), _size(size.get("torch_save")),
+             storage_bin(size["safetensors"]) if size.get("safetensors") else "-"] for c, size in zip(cands, sizes)]
+    for split in ("dev", "test"):
+        scored = [by_name[c[split]] for c in cands if c[split] in by_name]
+        if not scored:
+            continue
+        metric = quality_metric(scored)
+        present = [(m, label) for m, label in METRICS[1:] if any(r.score(m) is not None for r in scored)]
+        head += [f"{split} {label}" for _, label in present] + [f"{split} frontier ({dict(METRICS)[metric]})"]
+        rows_of = [by_name.get(c[split]) for c in cands]
+        marks = frontier([(size.get("safetensors"), r.score(metric) if r else None) for size, r in zip(sizes, rows_of)])
+        for cells, r, mark in zip(body, rows_of, marks):
+            cells += [_fmt(r.score(m) if r else None) for m, _ in present] + ["★" if mark else ""]
+    return head, body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +312,14 @@ def render(cfg: ReportConfig, run_dir: Path, out: Path, dirs: list[Path]) -> dic
         body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,"
                     f"{base64.b64encode(data).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>")
 
+    by_group = groups(rows)
     for lang, teacher in teachers.items():
-        group = [r for r in rows if r.lang == lang]
+        group = by_group[lang]
         head, cells = table(group, teacher)
-        name = language_name(lang)
-        md.extend([f"## English -> {name} ({lang})", "", _md_table(head, cells), "",
+        name = language_name(teacher.lang) + (f", {teacher.split or 'scored'} split" if lang != teacher.lang else "")
+        md.extend([f"## English -> {name} ({teacher.lang})", "", _md_table(head, cells), "",
                    f"{_segments(group)}. Signatures:", "", *[f"- `{s}`" for s in _signatures(group)], ""])
-        body.append(f"<h2>English &rarr; {html.escape(name)} ({lang})</h2>{_html_table(head, cells)}"
+        body.append(f"<h2>English &rarr; {html.escape(name)} ({teacher.lang})</h2>{_html_table(head, cells)}"
                     f"<p>{html.escape(_segments(group))}. Signatures:</p><ul>"
                     + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in _signatures(group)) + "</ul>")
         metric = quality_metric(group)
@@ -266,6 +328,10 @@ def render(cfg: ReportConfig, run_dir: Path, out: Path, dirs: list[Path]) -> dic
         if (png := plot_size(group, metric)) is not None:
             add_image(f"quality_vs_size_{lang}.png", png, f"{name}: {dict(METRICS)[metric]} vs bytes on disk "
                       "(red: Pareto front; bands: IWSLT storage bins)")
+    if (run_dir / "sweep.json").is_file():
+        head, cells = sweep_table(run_dir, rows)
+        md.extend(["## Pareto sweep: every candidate", "", _md_table(head, cells), "", SWEEP_NOTE, ""])
+        body.append(f"<h2>Pareto sweep: every candidate</h2>{_html_table(head, cells)}<p>{html.escape(SWEEP_NOTE)}</p>")
     for d in dirs:
         if (d / "heatmap.png").is_file():
             order = json.loads((d / "removal_order.json").read_text(encoding="utf-8")) if (d / "removal_order.json").is_file() else {}

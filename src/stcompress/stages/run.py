@@ -27,6 +27,7 @@ finetune). `from_stage` / `only` force reruns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -331,8 +332,24 @@ def check_inputs(recipe: Recipe, decisions: dict[str, str]) -> list[str]:
             if decisions[step.name].startswith("run") for p in preflight.check_inputs(step.config, made_later)]
 
 
+def with_size_budget(recipe: Recipe, size_budget: str | None) -> Recipe:
+    """`run --size-budget`: every export stage that no other export reads (a bf16 merge feeding an
+    NF4 export stays as it is) gets it; its config hash changes, so it reruns."""
+    if not size_budget:
+        return recipe
+    feeding = {r for s in recipe.steps if s.stage == "export" for r in s.reads}
+    exports = [s for s in recipe.steps if s.stage == "export" and s.name not in feeding]
+    if not exports:
+        raise ConfigError([f"size_budget: {recipe.path} has no export stage to apply it to; drop --size-budget"])
+    for step in exports:
+        step.config = dataclasses.replace(step.config, size_budget=size_budget)
+        if problems := step.config.problems():
+            raise ConfigError([f"{recipe.path}: {step.name} (export) with --size-budget: {p}" for p in problems])
+    return recipe
+
+
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
-    recipe = parse_recipe(cfg.recipe)
+    recipe = with_size_budget(parse_recipe(cfg.recipe), cfg.size_budget)
     decisions = decide(recipe, cfg)
     print(format_plan(recipe, decisions))
     problems = check_inputs(recipe, decisions)
