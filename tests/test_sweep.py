@@ -93,14 +93,20 @@ def test_grid_names_and_layers(tmp_path, tiny_model_dir):
     assert hqq_eval["config"]["model"] == {"path": "${L2-hqq3-lm_head8}", "device": "cpu", "dtype": "float32"}
 
 
-def test_trim_refused_while_export_cannot_trim(tmp_path, tiny_model_dir):
-    from stcompress.config import ExportConfig
+def test_trimmed_candidates_export_with_a_trimmed_vocabulary(tmp_path, tiny_model_dir):
+    """trim: [false, true] doubles the grid; the -trim candidates' exports set trim_vocab, and the
+    generated recipe validates as export configs (nothing runs)."""
+    from stcompress.stages import run as runner
 
-    if "trim_vocab" in ExportConfig.__dataclass_fields__:
-        pytest.skip("export trims vocabularies in this build")
-    with pytest.raises(ConfigError, match="trim: vocabulary trimming is not in this build"):
-        sweep.run(_sweep_cfg(tmp_path, tiny_model_dir, trim=(False, True)), progress=False)
-    assert not (tmp_path / "run").exists()
+    cfg = _sweep_cfg(tmp_path, tiny_model_dir, trim=(False, True))
+    points = sweep.grid(cfg, *sweep._layers(cfg))
+    data = sweep.recipe(cfg, points)
+    exports = {st["name"]: st["config"] for st in data["stages"] if st["stage"] == "export"}
+    assert len(exports) == 2 * len([p for p in points if not p.trim]) and any(n.endswith("-trim") for n in exports)
+    assert all(c.get("trim_vocab", False) == n.endswith("-trim") for n, c in exports.items())
+    parsed = runner.parse_recipe(tmp_path / "sweep.yaml", data)
+    trimmed = [s.config.trim_vocab for s in parsed.steps if s.name in exports]
+    assert sorted(trimmed) == sorted(n.endswith("-trim") for n in exports)
 
 
 def test_sweep_2x2_end_to_end_resumes_and_binds_content(tmp_path, tiny_model_dir, capsys):

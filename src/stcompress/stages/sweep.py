@@ -165,8 +165,6 @@ def run(cfg: SweepConfig, *, progress: bool = True) -> Path:
         raise ConfigError(problems)
     run_dir = Path(cfg.run_dir)
     points = grid(cfg, *_layers(cfg))
-    if any(p.trim for p in points) and "trim_vocab" not in ExportConfig.__dataclass_fields__:
-        raise ConfigError(["trim: vocabulary trimming is not in this build (export has no trim_vocab option); use trim: false"])
     data = recipe(cfg, points)
     path = run_dir / RECIPE
     parsed = runner.parse_recipe(path, data)  # every stage config validated, all problems at once
