@@ -241,3 +241,28 @@ def test_min_bits_keeps_low_widths_out_of_the_space(tiny_model_dir):
     assert any(c.bit("lm_head") == 4 for c in budget.candidates(table, ("nf4",), {}, [(0, [])], 4))
     with pytest.raises(ConfigError, match="budget_min_bits: 1 is outside 2..16"):
         load_config(ExportConfig, {"input": "x", "size_budget": "4GB", "budget_min_bits": 1})
+
+
+def test_budget_sizes_every_candidate_with_the_trimmed_vocabulary(tmp_path, tiny_model_dir):
+    """With --trim-vocab the picker counts the rows the trim will keep: a budget that the full
+    vocabulary misses at every width of bf16 is met, and the prediction is the measured size."""
+    from stcompress.config import VocabConfig
+
+    table = _table(tiny_model_dir)
+    full = table.total("none", dict.fromkeys(budget.VARIED, KEEP), 4, None)
+    assert full > 10e6  # the tiny model is mostly its 151k-row embedding and head
+    vocab = VocabConfig(references=("builtin",))
+    with pytest.raises(ConfigError, match="10MB"):
+        export.run(_cfg(tmp_path, tiny_model_dir, size_budget="10MB", budget_formats=("none",)), progress=False)
+    out = export.run(_cfg(tmp_path, tiny_model_dir, size_budget="10MB", budget_formats=("none",), trim_vocab=True,
+                          vocab=vocab), progress=False)
+    manifest = read_manifest(out)
+    picked = manifest["size_budget"]["picked"]
+    assert picked["vocab_size"] == manifest["vocab"]["vocab_size_after"] < 20_000
+    assert picked["format"] == "none" and picked["kept_layers"] == 4
+    measured = manifest["measured_bytes"]["safetensors"]
+    from stcompress.metrics.efficiency import component_bytes
+
+    # the prediction is the tensors' bytes exactly (the files add their JSON headers)
+    sizes = component_bytes(out)
+    assert measured <= 10e6 and picked["predicted_safetensors"] == sizes["total"] - sizes["components"]["overhead"]

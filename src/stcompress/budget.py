@@ -230,8 +230,11 @@ def present_layers(importance: str, layers_now: int, origin: Mapping[str, Any]) 
     return order, present
 
 
-def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any]) -> tuple[Any, Plan]:
-    """The export config to run (quantize, bits, num_layers picked under a size budget) and the plan."""
+def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any], trimmed_rows: int | None = None) -> tuple[Any, Plan]:
+    """The export config to run (quantize, bits, num_layers picked under a size budget) and the plan.
+
+    `trimmed_rows`: with `trim_vocab`, the embedding rows the trim will keep (vocab_trim.predicted_rows);
+    every candidate is then sized with that vocabulary."""
     import dataclasses
 
     from stcompress.errors import ConfigError
@@ -255,7 +258,7 @@ def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any]) -> tuple
     fixed = parse_bits(cfg.bits)
     layers = layer_options(order, present, cfg.num_layers)
     table = SizeTable(model_config, cfg.dtype, cfg.group_size)
-    space = list(candidates(table, formats, fixed, layers, len(present), vocab_options(cfg, model_config),
+    space = list(candidates(table, formats, fixed, layers, len(present), vocab_options(cfg, model_config, trimmed_rows),
                             cfg.budget_min_bits))
     best = choose(space, budget, cfg.budget_measure, formats)
     if best is None:
@@ -273,13 +276,14 @@ def plan_export(cfg: Any, model_config: Any, origin: Mapping[str, Any]) -> tuple
     return picked, Plan(removed=removed, present=present, record=record)
 
 
-def vocab_options(cfg: Any, model_config: Any) -> tuple[int | None, ...]:
-    """The vocabulary dimension of the space: (None,) = not trimmed.
-
-    Wiring vocabulary trimming in (h1's `trim_vocab`): when the export may trim, return
-    (None, kept_rows) with kept_rows the predicted trimmed embedding rows, and have plan_export set
-    `trim_vocab` on the picked config when `best.vocab_size` is not None.
-    """
+def vocab_options(cfg: Any, model_config: Any, trimmed_rows: int | None = None) -> tuple[int | None, ...]:
+    """The vocabulary dimension of the space: (None,) = not trimmed; with `--trim-vocab` the user has
+    chosen trimming, so every candidate carries the trimmed row count (the picker never trims on
+    its own: the kept texts are the user's decision)."""
+    if getattr(cfg, "trim_vocab", False):
+        if trimmed_rows is None:
+            raise ValueError("size budget with trim_vocab: give the trimmed row count (vocab_trim.predicted_rows)")
+        return (trimmed_rows,)
     return (None,)
 
 

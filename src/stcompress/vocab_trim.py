@@ -152,12 +152,31 @@ def trimmed_processor(processor: Any, trimmed: dict[str, Any], old_ids: list[int
 
 def _config_ids(model: Any) -> tuple[int, ...]:
     """Every token id the configs name (kept whatever the texts)."""
-    out: set[int] = {arch.audio_token_id(model)}
-    for obj in (model.config, arch.text_config(model), model.generation_config):
+    return config_ids(model.config, model.generation_config)
+
+
+def config_ids(config: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """The ids a model config (and its generation config) name: audio token, bos / eos / pad."""
+    out: set[int] = {arch.audio_token_id(config)}
+    for obj in (config, arch.text_config(config), generation_config):
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(obj, key, None)
             out.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int) and v >= 0)
     return tuple(sorted(out))
+
+
+def predicted_rows(model_dir: str, texts: list[str], *, keep_first: int = 0) -> int:
+    """The embedding rows `trim_model` will keep for these texts, from the model's files alone (no
+    weights): what the size-budget picker needs before anything loads."""
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = None
+    tokenizer = AutoProcessor.from_pretrained(model_dir).tokenizer
+    return len(plan(tokenizer, texts, keep_first=keep_first, extra_ids=config_ids(config, generation))[1])
 
 
 def trim_model(loaded: Any, texts: list[str], *, keep_first: int = 0) -> dict[str, Any]:

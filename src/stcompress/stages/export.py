@@ -503,6 +503,14 @@ def _prompt(source: Source, cfg: ExportConfig, loaded: LoadedModel) -> str:
     return (source.manifest or {}).get("prompt") or PromptBuilder(loaded.processor, cfg.prompt).render(_target_lang(source, cfg))
 
 
+def _source_prompt(source: Source, cfg: ExportConfig) -> str:
+    """The same prompt as `_prompt`, before the model loads (the processor alone)."""
+    from transformers import AutoProcessor
+
+    return (source.manifest or {}).get("prompt") or \
+        PromptBuilder(AutoProcessor.from_pretrained(source.model_path), cfg.prompt).render(_target_lang(source, cfg))
+
+
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
                    check: dict[str, Any], timings: dict[str, float], parameters: int | None = None,
                    trim: dict[str, Any] | None = None, trim_inputs: dict[str, Any] | None = None,
@@ -577,9 +585,13 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     examples = check_examples(cfg)
     calibration = calibrated.calibration_examples(cfg) if cfg.quantize == "autoround" else []
     origin = lineage(source)
-    cfg, plan = budget.plan_export(cfg, transformers.AutoConfig.from_pretrained(source.model_path), origin)
-    check_bitsandbytes(cfg)  # the picked format's library
     kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
+    rows = None
+    if kept and cfg.size_budget:  # the picker sizes every candidate with the vocabulary the trim will keep
+        rows = vocab_trim.predicted_rows(source.model_path, [*kept.texts, _source_prompt(source, cfg)],
+                                         keep_first=cfg.vocab.keep_first)
+    cfg, plan = budget.plan_export(cfg, transformers.AutoConfig.from_pretrained(source.model_path), origin, rows)
+    check_bitsandbytes(cfg)  # the picked format's library
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
     if source.adapter is not None:
         merge_adapter(loaded, source.adapter)
