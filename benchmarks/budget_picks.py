@@ -1,6 +1,7 @@
 """What `--size-budget` picks for the Qwen2-Audio-7B architecture (predicted sizes only, CPU, seconds).
 
     python benchmarks/budget_picks.py [--formats none,int8,nf4,hqq] [--budgets 4GB,2GB,1GB] [--measure both]
+        [--vocab-rows 4008]
 
 Uses stcompress.budget on the 7B config (meta device, no weights) with an importance order that
 removes the middle layers first (any order gives the same sizes: the layers are identical in
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--formats", default="none,int8,nf4,hqq")
     parser.add_argument("--budgets", default="4GB,2GB,1GB")
     parser.add_argument("--measure", default="both", choices=budget.MEASURES)
+    parser.add_argument("--vocab-rows", type=int, default=None,
+                        help="size every candidate with a vocabulary trimmed to this many rows (export --trim-vocab)")
     args = parser.parse_args()
     cfg = config("7b")
     formats = tuple(args.formats.split(","))
@@ -39,7 +42,7 @@ def main() -> None:
     order = sorted(range(1, 31), key=lambda i: abs(i - 15.5))
     present = list(range(32))
     for label, layers in (("all 32 layers", [(0, [])]), ("importance order", budget.layer_options(order, present))):
-        space = list(budget.candidates(table, formats, {}, layers, 32))
+        space = list(budget.candidates(table, formats, {}, layers, 32, (args.vocab_rows,)))
         for text in args.budgets.split(","):
             best = budget.choose(space, budget.parse_size(text), args.measure, formats)
             shown = "nothing fits" if best is None else (
