@@ -499,16 +499,9 @@ def _target_lang(source: Source, cfg: ExportConfig) -> str:
     return data.get("target_lang") or cfg.data.target_lang if isinstance(data, dict) else cfg.data.target_lang
 
 
-def _prompt(source: Source, cfg: ExportConfig, loaded: LoadedModel) -> str:
-    return (source.manifest or {}).get("prompt") or PromptBuilder(loaded.processor, cfg.prompt).render(_target_lang(source, cfg))
-
-
-def _source_prompt(source: Source, cfg: ExportConfig) -> str:
-    """The same prompt as `_prompt`, before the model loads (the processor alone)."""
-    from transformers import AutoProcessor
-
-    return (source.manifest or {}).get("prompt") or \
-        PromptBuilder(AutoProcessor.from_pretrained(source.model_path), cfg.prompt).render(_target_lang(source, cfg))
+def _prompt(source: Source, cfg: ExportConfig, processor: Any) -> str:
+    """The prompt the model was trained with (its manifest's), else this config's, rendered."""
+    return (source.manifest or {}).get("prompt") or PromptBuilder(processor, cfg.prompt).render(_target_lang(source, cfg))
 
 
 def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[str, Any], loaded: LoadedModel,
@@ -521,7 +514,7 @@ def _write_records(out: Path, cfg: ExportConfig, source: Source, origin: dict[st
     lang = _target_lang(source, cfg)
     model = describe(loaded, cfg, quantized=cfg.quantize != "none", parameters=parameters)
     sizes = component_bytes(out)
-    prompt = _prompt(source, cfg, loaded)
+    prompt = _prompt(source, cfg, loaded.processor)
     if trim is not None:
         trim["bytes"] = _trim_sizes(trim, out, cfg, sizes["total"])
     tags = {"pruned": bool(origin.get("removed_layers")), "4-bit": cfg.quantize in ("nf4", "autoround"),
@@ -588,7 +581,8 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     rows = None
     if kept and cfg.size_budget:  # the picker sizes every candidate with the vocabulary the trim will keep
-        rows = vocab_trim.predicted_rows(source.model_path, [*kept.texts, _source_prompt(source, cfg)],
+        processor = transformers.AutoProcessor.from_pretrained(source.model_path)  # no weights yet
+        rows = vocab_trim.predicted_rows(source.model_path, [*kept.texts, _prompt(source, cfg, processor)],
                                          keep_first=cfg.vocab.keep_first)
     cfg, plan = budget.plan_export(cfg, transformers.AutoConfig.from_pretrained(source.model_path), origin, rows)
     check_bitsandbytes(cfg)  # the picked format's library
@@ -599,7 +593,7 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     timings = {"load_and_merge": time.perf_counter() - t0}
     with staged_output(cfg.output) as out:
         t1 = time.perf_counter()
-        trim = trim_vocabulary(loaded, kept, examples, cfg, _prompt(source, cfg, loaded)) if kept else None
+        trim = trim_vocabulary(loaded, kept, examples, cfg, _prompt(source, cfg, loaded.processor)) if kept else None
         if trim is not None:
             timings["trim_vocab"] = time.perf_counter() - t1
         parameters = count_parameters(loaded.model)
