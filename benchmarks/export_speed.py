@@ -10,8 +10,8 @@ product's own code (`stages.export.run` with an `ExportConfig`, as the CLI build
 output is reloaded with plain `from_pretrained` and decoded, then deleted (disk):
 
 - `budget:4GB`, `budget:2GB`, `budget:1GB`: `export --size-budget N --trim-vocab --importance IMP`
-  (the picker of stcompress.budget chooses layers x format x bits among the formats this
-  environment writes: none, int8, nf4 with bitsandbytes; no hqq on transformers 5). The
+  (the picker of stcompress.budget chooses layers x format x bits; `budget_formats` none, int8,
+  nf4: what transformers 5 writes, the GPU's default, also under 4.57 where hqq exists). The
   vocabulary keeps the tokens of the testbed's German KD texts (`vocab.distilled`:
   benchmarks/testbed/results/de-run1/distill, in the repository, so offline on the GPU) plus the
   prompt: 4,008 rows in results/budget_picks_7b.md; the JSON records the rows kept. The picks
@@ -100,6 +100,7 @@ PAPER_DE_LAYERS = [1, 3, 9, 13, 19, 20, 27, 29]  # the paper's German removal or
 POINTS = "budget:4GB,budget:2GB,budget:1GB,nf4-24,bf16-32"
 QUICK_POINTS = "budget:3.5MB,budget:3MB,budget:2.5MB,nf4-24,bf16-32"  # the tiny model's scale (fp32): nf4 picks, fewer layers each
 QUICK_MARGIN = 0.25
+BUDGET_FORMATS = ("none", "int8", "nf4")  # what transformers 5 writes (the GPU's default); hqq needs 4.57
 ESTIMATE_S = {"budget:4GB": 95, "budget:2GB": 80, "budget:1GB": 70, "nf4-24": 90, "bf16-32": 95}
 
 
@@ -210,7 +211,7 @@ def point_config(name: str, args: argparse.Namespace, inp: Path, imp: dict[str, 
                   check_max_new_tokens=8, check_min_agreement=args.check_min_agreement)
     if name.startswith("budget:"):
         return ExportConfig(**common, size_budget=name.split(":", 1)[1], importance=str(imp["middle_first"]),
-                            trim_vocab=True, vocab=VocabConfig(distilled=(str(KD_TEXTS),)))
+                            budget_formats=BUDGET_FORMATS, trim_vocab=True, vocab=VocabConfig(distilled=(str(KD_TEXTS),)))
     if name == "nf4-24":
         return ExportConfig(**common, quantize="nf4", importance=str(imp["paper_de"]), num_layers=8)
     if name == "bf16-32":
