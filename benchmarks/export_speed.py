@@ -350,6 +350,11 @@ def table(record: dict) -> str:
             text = ", ".join(f"b{r['batch']} {r['decode_tokens_per_s']:,.0f} tok/s (prefill {r['prefill_seconds']:.3f} s)"
                              for r in rows)
             lines.append(f"\nReference: the bf16 32-layer input in memory, {path} decoding: {text}")
+    rows = {(p.get("vocab_rows"), p.get("vocab_rows_before"), p.get("vocab_texts")) for p in record["points"].values()
+            if p.get("vocab_rows")}
+    for kept, before, texts in sorted(rows):
+        lines.append(f"\nVocabulary of the budget points: {kept:,} of {before:,} rows kept ({texts:,} texts: "
+                     f"{record['settings']['vocab_texts']} + the prompt); their picks and sizes depend on this count.")
     if record.get("skipped"):
         lines.append(f"\nSkipped (time budget): {', '.join(record['skipped'])}")
     return "\n".join(lines)
