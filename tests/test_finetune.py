@@ -16,7 +16,7 @@ import transformers
 
 from stcompress import cli
 from stcompress.artifacts import read_manifest
-from stcompress.config import DatasetMix, FinetuneConfig, LoraOptions, load_config
+from stcompress.config import DataConfig, DatasetMix, FinetuneConfig, LoraOptions, load_config
 from stcompress.data.example import Example
 from stcompress.data.training import TrainItem, reference_items, repeat_items
 from stcompress.errors import ConfigError, DataError, ModelError, StcompressError
@@ -455,3 +455,44 @@ def test_freeze_language_model_trains_the_projector_alone(tmp_path, manifest, ti
     assert m["training"]["trainable_parameters"] == sum(p.numel() for k, p in base.items() if "multi_modal_projector" in k)
     problems = FinetuneConfig(mode="lora", train=dataclasses.replace(FinetuneConfig().train, freeze_language_model=True)).problems()
     assert any("train.freeze_language_model: is for mode full" in p for p in problems)
+
+
+def test_lora_train_projector_trains_its_full_weights_and_export_merges_them(tmp_path, manifest, tiny_model_dir):
+    """lora.train_projector: the projector's own weights train beside the LM adapters (no LoRA on
+    it), ride in the adapter, and the merged export holds exactly them."""
+    from safetensors.torch import load_file
+
+    from stcompress.config import ExportConfig
+    from stcompress.stages import export
+
+    cfg = _cfg(tmp_path / "tp", manifest, **{"model.path": str(tiny_model_dir), "lora.train_projector": "true",
+                                             "lora.audio_tower": "false", "train.epochs": "2"})
+    out = finetune.run(cfg, progress=False)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    proj = {k: v for k, v in adapter.items() if "multi_modal_projector" in k}
+    assert proj and not any("lora_" in k for k in proj), sorted(proj)  # full weights, no LoRA on the projector
+    assert any("lora_B" in k and arch.component_of(k) == "decoder_layers" for k in adapter)
+
+    def weights(folder):
+        return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    base = weights(tiny_model_dir)
+    base_proj = {k: v for k, v in base.items() if "multi_modal_projector" in k}
+    assert len(base_proj) == len(proj)
+    trained = {k.rsplit("multi_modal_projector.", 1)[1]: v for k, v in proj.items()}
+    assert any(not torch.equal(base_proj[k], trained[k.rsplit("multi_modal_projector.", 1)[1]]) for k in base_proj)
+    m = read_manifest(out)
+    assert m["lora"]["trained_in_full"] == ["multi_modal_projector"] and m["lora"]["adapted_layers"]["projector"] == 0
+    assert m["adapter_check"]["identical"]
+
+    merged_dir = export.run(ExportConfig(output=str(tmp_path / "merged"), input=str(out), dtype="float32", device="cpu",
+                                         check_segments=2, check_max_new_tokens=6, data=DataConfig(limit=2)), progress=False)
+    merged = weights(merged_dir)
+    for k, v in base_proj.items():  # the export carries the trained projector, bit for bit
+        assert torch.equal(merged[k], trained[k.rsplit("multi_modal_projector.", 1)[1]]), k
+    assert read_manifest(merged_dir)["reload_check"]["identical"] is True
+
+    full = FinetuneConfig(mode="full", lora=dataclasses.replace(FinetuneConfig().lora, train_projector=True)).problems()
+    assert any("lora.train_projector: is for mode lora / qlora" in p for p in full)
+    q = FinetuneConfig(mode="qlora", lora=dataclasses.replace(FinetuneConfig().lora, train_projector=True)).problems()
+    assert any("add projector to lora.keep_unquantized" in p for p in q)

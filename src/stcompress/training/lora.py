@@ -72,11 +72,18 @@ def apply_lora(model: nn.Module, opts: LoraOptions, *, quantized: bool, audio_to
 
     targets = resolve_targets(model, opts.targets, audio_tower=audio_tower)
     parts = linear_layers(model)
+    to_save: list[str] = []
+    if opts.train_projector:  # its own weights train (modules_to_save); no LoRA on top of them
+        targets = [name for name in targets if parts[name] != "projector"]
+        to_save = [_prefix_of(model, arch.projector(model)).rsplit(".", 1)[-1]]
+        if not targets:
+            raise ConfigError(["lora.targets: with the projector trained in full nothing is left to adapt; add decoder targets"])
     info: dict[str, Any] = {
         "r": opts.r, "alpha": opts.alpha, "rslora": opts.rslora, "dropout": opts.dropout,
         "targets": list(opts.targets), "audio_tower": audio_tower,
         "adapted_layers": {p: sum(parts[n] == p for n in targets) for p in ("audio", "projector", "decoder")},
         "leaf_names": sorted({n.rsplit(".", 1)[-1] for n in targets}),
+        "trained_in_full": to_save,
     }
     if quantized and opts.prepare_kbit:
         upcast = [p for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)
@@ -93,7 +100,7 @@ def apply_lora(model: nn.Module, opts: LoraOptions, *, quantized: bool, audio_to
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(
         r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, use_rslora=opts.rslora,
-        target_modules=targets, bias="none",
+        target_modules=targets, bias="none", modules_to_save=to_save or None,
     )
     return peft.get_peft_model(model, config), info
 
