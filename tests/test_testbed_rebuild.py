@@ -163,7 +163,7 @@ def test_rebuild_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists() and not list(tmp_path.glob(".*"))
 
 
-def test_pack_fills_at_most_three_volumes_and_refuses_more(tmp_path, monkeypatch):
+def test_pack_fills_at_most_four_volumes_and_refuses_more(tmp_path, monkeypatch):
     import os
 
     collect = _script("collect_artifacts")
@@ -178,8 +178,10 @@ def test_pack_fills_at_most_three_volumes_and_refuses_more(tmp_path, monkeypatch
         with tarfile.open(p) as tar:
             got |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert got == files
-    with pytest.raises(SystemExit, match="need 4 files"):
-        collect.pack(files | {f"more{i}.bin": os.urandom(7_000) for i in range(2)}, tmp_path / "out2", "tb")
+    four = collect.pack(files | {f"more{i}.bin": os.urandom(7_000) for i in range(2)}, tmp_path / "out4", "tb")
+    assert len(four) == 4
+    with pytest.raises(SystemExit, match="need 5 files"):
+        collect.pack(files | {f"more{i}.bin": os.urandom(7_000) for i in range(4)}, tmp_path / "out2", "tb")
     assert not (tmp_path / "out2").exists()
 
 

@@ -89,51 +89,13 @@ for L in $LANGS; do
   echo "== $L: exit $rc ($( [ $rc = 0 ] && echo complete || echo 'not finished: call again'))"
 done
 
-# 6. small artifacts -> $OUT (<= 8 files, <= 16 MiB each): scores, hypotheses, manifests, removal
-#    orders, plots, report, logs; the teacher's projector; LoRA adapters when small enough
+# 6. what the run must keep -> $OUT (<= 3 files of <= 16 MB each, collect_artifacts.py): every stage's
+#    small files (scores, hypotheses, manifests, removal orders, report), the LoRA adapters in fp16
+#    (with the projector weights they train), the log; never model weights or audio
 for L in $LANGS; do
   d="$TB/runs/testbed-$L"
   [ -d "$d" ] || continue
-  (cd "$d" && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.tsv' -o -name '*.txt' -o -name '*.md' \
-      -o -name '*.html' -o -name '*.png' -o -name '*.svg' -o -name '*.yaml' \) -size -4M \
-      -not -path './*/model/*' -not -path '*checkpoints*' -print0 | tar --null -czf "$OUT/testbed-$L-results.tar.gz" -T - )
-  cp -f "$TB/runs/testbed-$L.log" "$OUT/testbed-$L.log" 2>/dev/null
-  if [ -d "$d/align/model" ]; then
-    python3 - "$d/align/model" "$OUT/testbed-$L-projector.safetensors" <<'EOF'
-import sys
-from safetensors import safe_open
-from safetensors.torch import save_file
-from pathlib import Path
-src, out = Path(sys.argv[1]), sys.argv[2]
-tensors = {}
-for f in sorted(src.glob("*.safetensors")):
-    with safe_open(str(f), "pt") as h:
-        tensors |= {k: h.get_tensor(k) for k in h.keys() if "multi_modal_projector" in k}
-save_file(tensors, out)
-print("projector:", {k: tuple(v.shape) for k, v in tensors.items()})
-EOF
-  fi
-  # LoRA adapters of the teacher and the healed models, cast to fp16 (what the repo keeps)
-  python3 - "$d" "$OUT/testbed-$L-adapters.tar" <<'EOF'
-import io, json, sys, tarfile
-from pathlib import Path
-import torch
-from safetensors.torch import load_file, save
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-with tarfile.open(out, "w") as tar:
-    for name in ("teacher", "heal25", "heal50", "mid25-heal", "mid50-heal", "nokd50", "lora50"):
-        a = run / name / "adapter"
-        if not (a / "adapter_model.safetensors").is_file():
-            continue
-        w = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(a / "adapter_model.safetensors")).items()}
-        files = (("adapter_model.safetensors", save(w)), ("adapter_config.json", (a / "adapter_config.json").read_bytes()))
-        if tar.fileobj.tell() + sum(len(d) + 1024 for _, d in files) > 16_000_000:
-            print("adapters: no room left under 16 MB for", name); continue
-        for fname, data in files:
-            info = tarfile.TarInfo(f"{name}/adapter/{fname}"); info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-print("adapters:", out.stat().st_size, "bytes")
-EOF
+  python3 benchmarks/testbed/collect_artifacts.py "$d" --out "$OUT" --name "testbed-$L" --extra "$TB/runs/testbed-$L.log"
 done
 ls -la "$OUT"
 echo "elapsed $(( $(date +%s) - START ))s"
