@@ -196,3 +196,55 @@ def test_adapters_are_cast_to_fp16_unless_fp16_cannot_hold_them(tmp_path):
     back = load_file(str(tmp_path / "cast.safetensors"))
     assert back["a"].dtype == torch.float16 and torch.allclose(back["a"].float(), torch.full((2, 2), 0.1), rtol=1e-3)
     assert back["big"].dtype == torch.float32  # 1e6 overflows fp16: kept as it was
+
+
+def _recipe_run3(base: Path, run_dir: Path) -> dict:
+    """Run 3's teacher chain: LoRA + the projector's own weights (ASR warm-up), merged, then a LoRA +
+    projector teacher on it, merged. No frozen-LM stage: the projector lives in the adapters."""
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False,
+            "train_projector": True}
+    return {
+        "run_dir": str(run_dir),
+        "defaults": {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
+                     "generation": {"max_new_tokens": 6, "batch_size": 4}},
+        "stages": [
+            {"name": "asr", "stage": "finetune", "config": {
+                "mode": "lora", "model": {"path": str(base)}, "data": DATA, "dev": {"dataset": "none"}, "lora": lora,
+                "train": TRAIN}},
+            {"name": "asr-merged", "stage": "export", "config": {"input": "${asr}", "dtype": "float32", "data": CHECK}},
+            {"name": "teacher", "stage": "finetune", "config": {
+                "mode": "lora", "model": {"path": "${asr-merged}"}, "data": DATA, "dev": {"dataset": "none"},
+                "lora": lora, "train": TRAIN}},
+            {"name": "teacher-merged", "stage": "export", "config": {"input": "${teacher}", "dtype": "float32", "data": CHECK}},
+        ],
+    }
+
+
+@pytest.mark.slow  # four real stages on the tiny testbed: ~1 min on 2 cores
+def test_rebuild_replays_a_chain_of_adapters_that_train_the_projector(tmp_path):
+    """The teacher of run 3's recipes (two adapters, each carrying projector weights) comes back
+    from the base + the collected artifacts alone: the same translations, weights within fp16 rounding."""
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    base = _script("smoke_cpu").tiny_base(tmp_path / "model")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_run3(base, tmp_path / "run")))
+    assert cli.main(["run", str(recipe), "-q"]) == 0
+    collect = _script("collect_artifacts")
+    artifacts = tmp_path / "artifacts"
+    for f in collect.pack(collect.collect(tmp_path / "run", []), tmp_path / "out", "tb"):
+        with tarfile.open(f) as tar:
+            tar.extractall(artifacts, filter="data")
+    assert not (artifacts / "projector.safetensors").exists()  # no frozen-LM warm-up in this chain
+    for stage in ("asr", "teacher"):
+        with safe_open(str(artifacts / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert any("multi_modal_projector" in k and "lora_" not in k for k in f.keys())
+    out = tmp_path / "rebuilt"
+    assert cli_rebuild(base, artifacts, "teacher", out) == 0
+    rebuilt, original = _state(out), _state(tmp_path / "run" / "teacher-merged")
+    moved = _max_diff(original, _state(base))
+    assert moved > 1e-3 and _max_diff(rebuilt, original) < 1e-2 * moved
+    proj = [k for k in original if "multi_modal_projector" in k]
+    assert proj and _max_diff({k: rebuilt[k] for k in proj}, {k: original[k] for k in proj}) < 1e-2 * moved
+    assert _translate(out, tmp_path / "hyp-rebuilt") == _translate(tmp_path / "run" / "teacher-merged", tmp_path / "hyp-run")
