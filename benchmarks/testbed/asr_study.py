@@ -68,7 +68,7 @@ def config(name: str, args: argparse.Namespace) -> dict:
         "train": train,
     }
     if v["mode"] == "lora":
-        cfg["lora"] = {"r": 32, "alpha": 64, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False,
+        cfg["lora"] = {"r": 24, "alpha": 48, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False,
                        "train_projector": bool(v.get("train_projector"))}
     return cfg
 
