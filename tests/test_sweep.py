@@ -167,3 +167,144 @@ def test_an_interrupted_redo_is_redone(tmp_path):
     assert sweep._check_content(run_dir, {"input": {"sha256": "b"}}, restart=True) is True
     (run_dir / "sweep.json").write_text(json.dumps({"inputs": found, "redo": True}))  # killed during a redo
     assert sweep._check_content(run_dir, found, restart=False) is True
+
+
+# -- several inputs: healed students at their own depth beside `input`'s grid ----------------------
+
+def test_bad_inputs_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    def problems(**kw) -> list[str]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(SweepConfig, {"run_dir": str(tmp_path / "run"), **kw})
+        return exc.value.problems
+
+    assert problems() == ["input: required; give the model to compress (--input DIR, or --inputs NAME=DIR,... for models "
+                          "at their own depth)"]
+    assert problems(inputs="h25=runs/a,h25=runs/b") == ["inputs: two inputs are named h25; give each its own NAME=PATH"]
+    assert problems(inputs="h 25=runs/a") == ["inputs: 'h 25=runs/a': 'h 25' is not a usable name; give NAME=PATH, "
+                                              "NAME of letters, digits, - and _"]
+    assert problems(inputs="h25=") == ["inputs: 'h25=' names no model; give NAME=PATH (e.g. h25=runs/x/export25)"]
+    assert problems(input="runs/a", inputs="a=runs/b,b=runs/a/") == [
+        "inputs: runs/a is given twice (input, inputs); list each model once"]
+    assert problems(inputs="h25=runs/a", layers="3", importance="runs/imp", base_model="runs/base") == [
+        f"{key}: applies to input (the model layers are removed from); inputs are swept at their own depth: give "
+        f"--input too, or drop {flag}" for key, flag in (("layers", "--layers"), ("importance", "--importance"),
+                                                         ("base_model", "--base-model"))]
+    rc = cli.main(["sweep", "--run-dir", str(tmp_path / "run"), "--inputs", "h25=runs/a", "--layers", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("stcompress sweep: error: layers: applies to input")
+    assert not (tmp_path / "run").exists()
+    # the input's own (input or inputs) is what --print-config asks for
+    assert cli.main(["sweep", "--print-config"]) == 0
+    assert "\ninput: null  # required" in capsys.readouterr().out
+    assert cli.main(["sweep", "--print-config", "--inputs", "h25=runs/a"]) == 0
+    assert "# required" not in capsys.readouterr().out.replace("run_dir: null  # required", "")
+
+
+def test_parse_input():
+    assert sweep.parse_input("h25=runs/x/export25") == ("h25", "runs/x/export25")
+    assert sweep.parse_input(" runs/x/export25/ ") == ("export25", "runs/x/export25/")
+    assert sweep.parse_input("runs/a=b/export25") == ("export25", "runs/a=b/export25")  # "=" inside the path
+
+
+def test_inputs_join_the_grid_at_their_own_depth(tmp_path, tiny_model_dir):
+    """input's grid (layers from the importance order) plus a 3-layer model at its own depth: every
+    candidate once, named by its input, exporting from its own model; sweep.json's identities cover both."""
+    from stcompress.model.tiny import tiny_model_cache
+    from stcompress.stages import run as runner
+
+    small = tiny_model_cache(text_layers=3)
+    cfg = _sweep_cfg(tmp_path, tiny_model_dir, inputs=(f"h3={small}",))
+    points = sweep.candidates(cfg)
+    assert [(p.name, p.kept_layers, p.path) for p in points] == [
+        ("L4-bf16", 4, str(tiny_model_dir)), ("L4-nf4", 4, str(tiny_model_dir)), ("L3-bf16", 3, str(tiny_model_dir)),
+        ("L3-nf4", 3, str(tiny_model_dir)), ("h3-L3-bf16", 3, str(small)), ("h3-L3-nf4", 3, str(small))]
+    data = sweep.recipe(cfg, points)
+    exports = {st["name"]: st["config"] for st in data["stages"] if st["stage"] == "export"}
+    assert exports["h3-L3-nf4"]["input"] == str(small) and exports["h3-L3-nf4"]["quantize"] == "nf4"
+    assert "importance" not in exports["h3-L3-bf16"] and "num_layers" not in exports["h3-L3-bf16"]
+    assert exports["L3-bf16"]["num_layers"] == 1 and exports["L3-bf16"]["input"] == str(tiny_model_dir)
+    assert str(tiny_model_dir) in data["description"] and str(small) in data["description"]
+    evaluations = {st["name"]: st["config"]["model"]["path"] for st in data["stages"] if st["stage"] == "evaluate"}
+    assert evaluations["h3-L3-nf4-dev"] == "${h3-L3-nf4}" and evaluations["h3-L3-nf4-test"] == "${h3-L3-nf4}"
+    runner.parse_recipe(tmp_path / "sweep.yaml", data)  # every stage validates; names unique
+    found = sweep.identities(cfg)
+    assert found["inputs.h3"]["sha256"] != found["input"]["sha256"]
+    # inputs alone (no input): a bare path is named by its directory
+    only = sweep.candidates(_sweep_cfg(tmp_path, tiny_model_dir, input="", importance=None, layers=(),
+                                       precisions=("int8",), inputs=(str(tiny_model_dir), f"h3={small}")))
+    assert [p.name for p in only] == [f"{tiny_model_dir.name}-L4-int8", "h3-L3-int8"]
+
+
+def test_an_input_added_or_left_out_keeps_the_sweep_resumable(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    found = {"input": {"sha256": "a"}, "inputs.h25": {"sha256": "b"}}
+    (run_dir / "sweep.json").write_text(json.dumps({"inputs": found, "redo": False}))
+    assert sweep._check_content(run_dir, found | {"inputs.h50": {"sha256": "c"}}, restart=False) is False
+    assert sweep._check_content(run_dir, {"input": {"sha256": "a"}}, restart=False) is False
+    with pytest.raises(StcompressError, match="inputs.h25: its content differs"):
+        sweep._check_content(run_dir, found | {"inputs.h25": {"sha256": "x"}}, restart=False)
+
+
+def test_sweep_table_lists_each_candidates_input_and_one_frontier_over_all(tmp_path):
+    """A candidate of one input beats one of another: the frontier is drawn over every candidate."""
+    run_dir = tmp_path / "run"
+    cands = [("L4-bf16", None, 1000, 60.0), ("h25-L3-bf16", "h25", 500, 55.0), ("h50-L2-nf4", "h50", 800, 50.0)]
+    record = []
+    for name, source, size, _ in cands:
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "manifest.json").write_text(json.dumps({"measured_bytes": {"safetensors": size, "torch_save": size}}))
+        record.append({"name": name, "input": source, "input_path": "runs/x/teacher-merged" if source is None else f"runs/{source}",
+                       "kept_layers": 3, "precision": "bf16", "trim": False, "dev": f"{name}-dev", "test": f"{name}-test"})
+    (run_dir / "sweep.json").write_text(json.dumps({"candidates": record}))
+    rows = [_row(f"{name}-dev", "dev") for name, *_ in cands]
+    for r, (*_, score) in zip(rows, cands):
+        r.scores = {"chrf": {"score": score}, "chrf++": {"score": score}}
+    head, body = report.sweep_table(run_dir, rows)
+    assert head[:3] == ["candidate", "input", "LM layers"] and head[-1] == "dev frontier (chrF++)"
+    assert [(cells[0], cells[1], cells[-1]) for cells in body] == [
+        ("L4-bf16", "input (teacher-merged)", "★"), ("h25-L3-bf16", "h25", "★"), ("h50-L2-nf4", "h50", "")]
+    for c in record:  # a sweep of one input (and sweep.json written before inputs existed): no input column
+        c.pop("input"), c.pop("input_path")
+    (run_dir / "sweep.json").write_text(json.dumps({"candidates": record}))
+    assert report.sweep_table(run_dir, rows)[0][1] == "LM layers"
+
+
+@pytest.mark.slow  # about a minute on a loaded 2-core machine: 2 exports, 4 evaluations, a prune, a rerun
+def test_sweep_of_two_inputs_end_to_end(tmp_path, tiny_model_dir, capsys):
+    """The tiny model and a pruned copy of it, one precision: candidates from both, one table with
+    their inputs and one frontier over both; a rerun skips all; changed content of one is refused."""
+    from stcompress.config import ModelConfig, PruneConfig
+    from stcompress.stages import prune
+
+    data = DataConfig(dataset="builtin:demo-dev", target_lang="de", limit=1)
+    pruned = prune.run(PruneConfig(output=str(tmp_path / "pruned"), layers=(1,), check_segments=1, check_max_new_tokens=4,
+                                   model=ModelConfig(path=str(tiny_model_dir), device="cpu", dtype="float32"), data=data),
+                       progress=False)
+    cfg = _sweep_cfg(tmp_path, tiny_model_dir, input="", importance=None, layers=(), precisions=("bf16",),
+                     inputs=(f"teacher={tiny_model_dir}", f"p1={pruned}"), dev=data,
+                     test=DataConfig(dataset="builtin:demo-test", target_lang="de", limit=1))
+    run_dir = sweep.run(cfg, progress=False)
+    record = json.loads((run_dir / "sweep.json").read_text())
+    names = ["teacher-L4-bf16", "p1-L3-bf16"]
+    assert [(c["name"], c["input"]) for c in record["candidates"]] == [("teacher-L4-bf16", "teacher"), ("p1-L3-bf16", "p1")]
+    assert set(record["inputs"]) >= {"inputs.teacher", "inputs.p1"}
+    assert [read_manifest(run_dir / n)["model"]["decoder_layers"] for n in names] == [4, 3]
+    md = (run_dir / "report" / "report.md").read_text()
+    table = md.split("## Pareto sweep: every candidate")[1].split("\n\n")[1].splitlines()
+    head = [h.strip() for h in table[0].strip("|").split("|")]
+    assert head[:3] == ["candidate", "input", "LM layers"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(c[0], c[1], c[2]) for c in cells] == [("teacher-L4-bf16", "teacher", "4"), ("p1-L3-bf16", "p1", "3")]
+    sizes = [read_manifest(run_dir / n)["measured_bytes"]["safetensors"] for n in names]
+    for split in ("dev", "test"):
+        col = next(i for i, h in enumerate(head) if h.startswith(f"{split} frontier"))
+        metric = "chrf++" if "chrF++" in head[col] else "chrf"
+        scores = [json.loads((run_dir / f"{n}-{split}" / "scores.json").read_text())["scores"][metric]["score"] for n in names]
+        assert [c[col] == "★" for c in cells] == report.frontier(list(zip(sizes, scores)))  # one frontier over both
+    capsys.readouterr()
+    sweep.run(cfg, progress=False)
+    assert capsys.readouterr().out.count("[skip: unchanged]") == 7  # 2 exports, 4 evaluations, the report
+    (pruned / "config.json").write_text((pruned / "config.json").read_text() + "\n")
+    with pytest.raises(StcompressError, match="inputs.p1: its content differs from what this sweep used"):
+        sweep.run(cfg, progress=False)

@@ -431,7 +431,8 @@ def config_yaml(cfg: Any) -> str:
 
 def required_fields(cfg: Any) -> list[str]:
     """Dotted names of the fields `cfg` still lacks (what `--print-config` marks "# required")."""
-    out = [name for name in getattr(cfg, "REQUIRED", ()) if not getattr(cfg, name)]
+    out = [name.split("|")[0] for name in getattr(cfg, "REQUIRED", ())  # "a|b": either one
+           if not any(getattr(cfg, n) for n in name.split("|"))]
     if model_required(cfg) and not cfg.model.path:
         out.append("model.path")
     return out
@@ -860,13 +861,17 @@ class SweepConfig:
     """`stcompress sweep`: a grid of exports (kept layers x precision x vocabulary), each evaluated on
     dev and test through the `stcompress run` machinery, and the quality-vs-bytes report."""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir", "input")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir", "input|inputs")
 
     run_dir: str = ""  # the run directory: sweep.yaml (the generated recipe), sweep.json, one directory per stage, report/
     input: str = ""  # the model to compress, as export's input: a finetune output or a model directory
-    base_model: str | None = None  # LoRA / QLoRA input: overrides the finetune manifest's base_model
-    importance: str | None = None  # an importance output: its removal order gives the kept layers below the input's own
-    layers: tuple[int, ...] = ()  # kept decoder layers per candidate, e.g. 32,24,16; empty: the input's own only
+    # More models swept beside `input` (or instead of it), each at its own depth (healed students):
+    # NAME=PATH or PATH (NAME: the directory's name), e.g. teacher=runs/x/teacher-merged,h25=runs/x/export25;
+    # their candidates are named NAME-L<layers>-<precision>
+    inputs: tuple[str, ...] = ()
+    base_model: str | None = None  # LoRA / QLoRA `input`: overrides the finetune manifest's base_model
+    importance: str | None = None  # an importance output: its removal order gives `input`'s kept layers below its own
+    layers: tuple[int, ...] = ()  # kept decoder layers of `input`'s candidates, e.g. 32,24,16; empty: its own only
     # Precision per candidate: bf16 | int8 | nf4 | hqq | hqqN (decoder, audio tower and projector in N bits),
     # optionally :COMPONENT=BITS,... (e.g. hqq3:lm_head=8); the LM head stays bf16 unless named
     precisions: tuple[str, ...] = ("bf16", "int8", "nf4")
@@ -887,7 +892,11 @@ class SweepConfig:
     def problems(self) -> list[str]:
         from stcompress.languages import known_languages
 
-        out = [] if self.input else ["input: required; give the model to compress (--input DIR)"]
+        from stcompress.stages.sweep import inputs_problems, precision_problems
+
+        out = [] if self.input or self.inputs else ["input: required; give the model to compress (--input DIR, or "
+                                                   "--inputs NAME=DIR,... for models at their own depth)"]
+        out += inputs_problems(self)
         if not self.run_dir:
             out.append("run_dir: required; the directory the sweep writes (--run-dir runs/de-sweep)")
         if not self.precisions:
@@ -901,8 +910,6 @@ class SweepConfig:
                 out.append(f"{name}.target_lang: unknown language code {data.target_lang!r}")
         if self.dev.target_lang != self.test.target_lang:
             out.append("dev.target_lang / test.target_lang: one language per sweep")
-        from stcompress.stages.sweep import precision_problems
-
         out += precision_problems(self.precisions, self.group_size)
         return out
 

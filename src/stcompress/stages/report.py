@@ -179,6 +179,10 @@ def sweep_table(run_dir: Path, rows: list[Row]) -> tuple[list[str], list[list[st
     body = [[c["name"], str(c["kept_layers"]), c["precision"], "trimmed" if c.get("trim") else "full",
              _size(size.get("safetensors")), _size(size.get("torch_save")),
              storage_bin(size["safetensors"]) if size.get("safetensors") else "-"] for c, size in zip(cands, sizes)]
+    if any(c.get("input") for c in cands):  # a sweep of several models (`inputs`): which one each candidate is made from
+        head.insert(1, "input")
+        for cells, c in zip(body, cands):
+            cells.insert(1, c["input"] or f"input ({Path(c['input_path']).name})")
     for split in ("dev", "test"):
         scored = [by_name[c[split]] for c in cands if c[split] in by_name]
         if not scored:

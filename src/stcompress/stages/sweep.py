@@ -2,7 +2,9 @@
 
 The grid (kept layers x precision x trimmed or not) becomes one recipe: per candidate an export
 stage (export-time layer removal from the importance order, the precision's format and bits) and
-two evaluate stages (dev, test), then a report. It is written to <run_dir>/sweep.yaml and run
+two evaluate stages (dev, test), then a report. `inputs` adds models at their own depth (the healed
+students, which layer removal alone cannot make) crossed with the same precisions and trimming, so
+one report and one frontier cover them all. It is written to <run_dir>/sweep.yaml and run
 exactly as `stcompress run` runs any recipe, so resuming, skipping finished candidates (plan.json:
 config, upstream and own manifest hashes) and the locks are the ones every run has; `stcompress run
 <run_dir>/sweep.yaml` runs the same plan. <run_dir>/sweep.json lists the candidates for the report
@@ -32,6 +34,7 @@ from stcompress.outputs import claim
 log = logging.getLogger(__name__)
 
 RECIPE, RECORD = "sweep.yaml", "sweep.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # an input's name: the prefix of its candidates' stage names
 _PRECISION = re.compile(r"^(bf16|none|int8|nf4|hqq)(\d*)(?::(.+))?$")
 
 
@@ -45,11 +48,45 @@ class Point:
     quantize: str
     bits: str
     trim: bool
+    source: str | None = None  # the name of the `inputs` entry it comes from; None: `input`
+    path: str = ""  # the model it is exported from
 
     @property
     def name(self) -> str:
         label = re.sub(r"[^A-Za-z0-9_-]+", "-", self.precision.replace("=", "")).strip("-")
-        return f"L{self.kept_layers}-{label}" + ("-trim" if self.trim else "")
+        return (f"{self.source}-" if self.source else "") + f"L{self.kept_layers}-{label}" + ("-trim" if self.trim else "")
+
+
+def parse_input(entry: str) -> tuple[str, str]:
+    """'h25=runs/x/export25' -> ('h25', 'runs/x/export25'); 'runs/x/export25' -> ('export25', 'runs/x/export25')."""
+    name, sep, path = entry.strip().partition("=")
+    if not sep or "/" in name:  # a bare path (one holding "=" only after a "/")
+        name, path = Path(entry.strip().rstrip("/")).name, entry.strip()
+    return name.strip(), path.strip()
+
+
+def inputs_problems(cfg: SweepConfig) -> list[str]:
+    """Bad `inputs` entries and combinations, one line each, before anything loads."""
+    out, names, paths = [], [], [cfg.input] if cfg.input else []
+    for entry in cfg.inputs:
+        name, path = parse_input(entry)
+        if not path:
+            out.append(f"inputs: {entry!r} names no model; give NAME=PATH (e.g. h25=runs/x/export25)")
+        elif not _NAME.match(name):
+            out.append(f"inputs: {entry!r}: {name!r} is not a usable name; give NAME=PATH, NAME of letters, digits, - and _")
+        elif name in names:
+            out.append(f"inputs: two inputs are named {name}; give each its own NAME=PATH")
+        names.append(name)
+        paths.append(path)
+    seen = [str(Path(p).expanduser().resolve()) for p in paths if p]
+    if dup := next((p for p in paths if p and seen.count(str(Path(p).expanduser().resolve())) > 1), None):
+        out.append(f"inputs: {dup} is given twice (input, inputs); list each model once")
+    if cfg.inputs and not cfg.input:
+        for key, flag in (("layers", "--layers"), ("importance", "--importance"), ("base_model", "--base-model")):
+            if getattr(cfg, key):
+                out.append(f"{key}: applies to input (the model layers are removed from); inputs are swept at their "
+                           f"own depth: give --input too, or drop {flag}")
+    return out
 
 
 def parse_precision(spec: str) -> tuple[str, str]:
@@ -86,7 +123,7 @@ def grid(cfg: SweepConfig, layers_now: int, order: list[int], present: list[int]
         how = (f"the importance order reaches {', '.join(map(str, sorted(reachable, reverse=True)))}" if cfg.importance
                else "give --importance (a layer-importance search) to remove layers")
         raise ConfigError([f"layers: {missing[0]} kept decoder layers cannot be made from the {layers_now}-layer input; {how}"])
-    points = [Point(n, reachable[n] if reachable[n] else None, spec, *parse_precision(spec), trim)
+    points = [Point(n, reachable[n] if reachable[n] else None, spec, *parse_precision(spec), trim, path=cfg.input)
               for n in wanted for spec in cfg.precisions for trim in cfg.trim]
     names = [p.name for p in points]
     if len(set(names)) != len(names):
@@ -95,11 +132,26 @@ def grid(cfg: SweepConfig, layers_now: int, order: list[int], present: list[int]
     return points
 
 
+def candidates(cfg: SweepConfig) -> list[Point]:
+    """`input`'s grid, then each `inputs` model at its own depth x precisions x trim."""
+    points = grid(cfg, *_layers(cfg)) if cfg.input else []
+    for entry in cfg.inputs:
+        name, path = parse_input(entry)
+        depth = _depth(path, None)
+        points += [Point(depth, None, spec, *parse_precision(spec), trim, source=name, path=path)
+                   for spec in cfg.precisions for trim in cfg.trim]
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise ConfigError([f"inputs: two candidates share the name {next(n for n in names if names.count(n) > 1)}; "
+                           "rename an input (NAME=PATH)"])
+    return points
+
+
 def _export_config(cfg: SweepConfig, p: Point) -> dict[str, Any]:
-    out: dict[str, Any] = {"input": cfg.input, "dtype": cfg.dtype, "device": cfg.device, "quantize": p.quantize, "bits": p.bits,
+    out: dict[str, Any] = {"input": p.path, "dtype": cfg.dtype, "device": cfg.device, "quantize": p.quantize, "bits": p.bits,
                            "group_size": cfg.group_size, "check_segments": cfg.check_segments,
                            "data": to_dict(cfg.dev), "prompt": to_dict(cfg.prompt), "generation": to_dict(cfg.generation)}
-    if cfg.base_model:
+    if cfg.base_model and p.source is None:
         out["base_model"] = cfg.base_model
     if p.num_layers is not None:
         out |= {"importance": cfg.importance, "num_layers": p.num_layers}
@@ -122,7 +174,8 @@ def recipe(cfg: SweepConfig, points: list[Point]) -> dict[str, Any]:
         stages.append({"name": f"{p.name}-dev", "stage": "evaluate", "config": _evaluate_config(cfg, p, cfg.dev)})
         stages.append({"name": f"{p.name}-test", "stage": "evaluate", "config": _evaluate_config(cfg, p, cfg.test)})
     stages.append({"name": "report", "stage": "report", "config": {"run_dir": "${run_dir}"}})
-    return {"description": f"stcompress sweep of {cfg.input}: {len(points)} candidates", "run_dir": cfg.run_dir,
+    models = ", ".join(dict.fromkeys(p.path for p in points))
+    return {"description": f"stcompress sweep of {models}: {len(points)} candidates", "run_dir": cfg.run_dir,
             "stages": stages}
 
 
@@ -130,7 +183,15 @@ def identities(cfg: SweepConfig) -> dict[str, Any]:
     """Content (no paths) of every local input the candidates read."""
     named = {"input": cfg.input, "base_model": cfg.base_model, "importance": cfg.importance,
              "dev.dataset": cfg.dev.dataset, "test.dataset": cfg.test.dataset}
+    named |= {f"inputs.{name}": path for name, path in map(parse_input, cfg.inputs)}
     return {k: content_identity(path_identity(v)) for k, v in named.items() if v and Path(v).expanduser().exists()}
+
+
+def _depth(path: str, base_model: str | None) -> int:
+    from stcompress.stages.export import resolve_source
+
+    source = resolve_source(ExportConfig(input=path, base_model=base_model))
+    return arch.text_config(transformers.AutoConfig.from_pretrained(source.model_path)).num_hidden_layers
 
 
 def _layers(cfg: SweepConfig) -> tuple[int, list[int], list[int]]:
@@ -151,7 +212,9 @@ def _check_content(run_dir: Path, found: dict[str, Any], restart: bool) -> bool:
         return False
     record = json.loads(path.read_text(encoding="utf-8"))
     recorded = record.get("inputs", {})
-    changed = sorted(k for k in found.keys() | recorded.keys() if found.get(k) != recorded.get(k))
+    # An `inputs` model added to the sweep (or left out) changes no finished candidate of another
+    changed = sorted(k for k in found.keys() | recorded.keys() if found.get(k) != recorded.get(k)
+                     and not (k.startswith("inputs.") and (k not in found or k not in recorded)))
     if changed and not restart:
         raise StcompressError(f"{changed[0]}: its content differs from what this sweep used ({path}); pass --restart to "
                               "redo every candidate, or give another run_dir")
@@ -164,13 +227,13 @@ def run(cfg: SweepConfig, *, progress: bool = True) -> Path:
     if problems := cfg.problems():
         raise ConfigError(problems)
     run_dir = Path(cfg.run_dir)
-    points = grid(cfg, *_layers(cfg))
+    points = candidates(cfg)
     data = recipe(cfg, points)
     path = run_dir / RECIPE
     parsed = runner.parse_recipe(path, data)  # every stage config validated, all problems at once
     found = identities(cfg)
     for p in points:
-        log.info("candidate %s: %d layers, %s%s", p.name, p.kept_layers, p.precision, ", trimmed" if p.trim else "")
+        log.info("candidate %s: %s, %d layers, %s%s", p.name, p.path, p.kept_layers, p.precision, ", trimmed" if p.trim else "")
     if cfg.dry_run:
         decisions = runner.decide(parsed, RunConfig(recipe=str(path)))
         print(runner.format_plan(parsed, decisions))
@@ -189,5 +252,5 @@ def run(cfg: SweepConfig, *, progress: bool = True) -> Path:
 
 
 def _record(p: Point) -> dict[str, Any]:
-    return {"name": p.name, "kept_layers": p.kept_layers, "num_layers": p.num_layers, "precision": p.precision,
+    return {"name": p.name, "input": p.source, "input_path": p.path, "kept_layers": p.kept_layers, "num_layers": p.num_layers, "precision": p.precision,
             "quantize": p.quantize, "bits": p.bits, "trim": p.trim, "dev": f"{p.name}-dev", "test": f"{p.name}-test"}
