@@ -89,6 +89,23 @@ for L in $LANGS; do
   echo "== $L: exit $rc ($( [ $rc = 0 ] && echo complete || echo 'not finished: call again'))"
 done
 
+# 5b. the quality-vs-bytes frontier (issue 12): the teacher and the healed students x bf16 / int8 / nf4
+#     x trimmed or full vocabulary, each on dev and test (`stcompress sweep --inputs`; resumable)
+for L in $LANGS; do
+  d="$TB/runs/testbed-$L"
+  [ -f "$d/export50/manifest.json" ] || continue
+  left=$(( BUDGET - ($(date +%s) - START) ))
+  [ "$left" -gt 60 ] || { echo "budget used up before the $L sweep; call again"; break; }
+  echo "== $L: sweep (${left}s left)"
+  timeout --signal=INT --kill-after=20 "$left" python3 -m stcompress sweep \
+    --inputs "teacher=$d/teacher-merged,h25=$d/export25,h50=$d/export50" --precisions bf16,int8,nf4 --trim false,true \
+    --dev.dataset "runs/testbed-data/$L/dev.jsonl" --test.dataset "runs/testbed-data/$L/test.jsonl" \
+    --dev.subset all --test.subset all --dev.target-lang "$L" --test.target-lang "$L" \
+    --generation.max-new-tokens 96 --generation.batch-size 150 --run-dir "$TB/runs/testbed-$L-sweep" \
+    > "$TB/runs/testbed-$L-sweep.log" 2>&1
+  echo "== $L sweep: exit $? ($(tail -n 1 "$TB/runs/testbed-$L-sweep.log"))"
+done
+
 # 6. what the run must keep -> $OUT (<= 3 files of <= 16 MB each, collect_artifacts.py): every stage's
 #    small files (scores, hypotheses, manifests, removal orders, report), the LoRA adapters in fp16
 #    (with the projector weights they train), the log; never model weights or audio
@@ -96,6 +113,9 @@ for L in $LANGS; do
   d="$TB/runs/testbed-$L"
   [ -d "$d" ] || continue
   python3 benchmarks/testbed/collect_artifacts.py "$d" --out "$OUT" --name "testbed-$L" --extra "$TB/runs/testbed-$L.log"
+  s="$TB/runs/testbed-$L-sweep"
+  [ -d "$s" ] && python3 benchmarks/testbed/collect_artifacts.py "$s" --out "$OUT" --name "testbed-$L-sweep" \
+    --extra "$TB/runs/testbed-$L-sweep.log"
 done
 ls -la "$OUT"
 echo "elapsed $(( $(date +%s) - START ))s"
