@@ -36,12 +36,16 @@ def _script(name: str):
     return mod
 
 
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False}
+DEFAULTS = {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
+            "generation": {"max_new_tokens": 6, "batch_size": 4}}
+
+
 def _recipe(base: Path, run_dir: Path) -> dict:
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False}
+    lora = LORA
     return {
         "run_dir": str(run_dir),
-        "defaults": {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
-                     "generation": {"max_new_tokens": 6, "batch_size": 4}},
+        "defaults": DEFAULTS,
         "stages": [
             {"name": "align", "stage": "finetune", "config": {
                 "mode": "full", "model": {"path": str(base)}, "data": DATA, "dev": {"dataset": "none"},
@@ -201,12 +205,10 @@ def test_adapters_are_cast_to_fp16_unless_fp16_cannot_hold_them(tmp_path):
 def _recipe_run3(base: Path, run_dir: Path) -> dict:
     """Run 3's teacher chain: LoRA + the projector's own weights (ASR warm-up), merged, then a LoRA +
     projector teacher on it, merged. No frozen-LM stage: the projector lives in the adapters."""
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False,
-            "train_projector": True}
+    lora = LORA | {"train_projector": True}
     return {
         "run_dir": str(run_dir),
-        "defaults": {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
-                     "generation": {"max_new_tokens": 6, "batch_size": 4}},
+        "defaults": DEFAULTS,
         "stages": [
             {"name": "asr", "stage": "finetune", "config": {
                 "mode": "lora", "model": {"path": str(base)}, "data": DATA, "dev": {"dataset": "none"}, "lora": lora,

@@ -78,8 +78,9 @@ def inputs_problems(cfg: SweepConfig) -> list[str]:
             out.append(f"inputs: two inputs are named {name}; give each its own NAME=PATH")
         names.append(name)
         paths.append(path)
-    seen = [str(Path(p).expanduser().resolve()) for p in paths if p]
-    if dup := next((p for p in paths if p and seen.count(str(Path(p).expanduser().resolve())) > 1), None):
+    given = [p for p in paths if p]
+    seen = [str(Path(p).expanduser().resolve()) for p in given]
+    if dup := next((p for p, r in zip(given, seen) if seen.count(r) > 1), None):
         out.append(f"inputs: {dup} is given twice (input, inputs); list each model once")
     if cfg.inputs and not cfg.input:
         for key, flag in (("layers", "--layers"), ("importance", "--importance"), ("base_model", "--base-model")):
@@ -137,7 +138,7 @@ def candidates(cfg: SweepConfig) -> list[Point]:
     points = grid(cfg, *_layers(cfg)) if cfg.input else []
     for entry in cfg.inputs:
         name, path = parse_input(entry)
-        depth = _depth(path, None)
+        depth = _depth(path)
         points += [Point(depth, None, spec, *parse_precision(spec), trim, source=name, path=path)
                    for spec in cfg.precisions for trim in cfg.trim]
     names = [p.name for p in points]
@@ -187,10 +188,11 @@ def identities(cfg: SweepConfig) -> dict[str, Any]:
     return {k: content_identity(path_identity(v)) for k, v in named.items() if v and Path(v).expanduser().exists()}
 
 
-def _depth(path: str, base_model: str | None) -> int:
+def _depth(path: str) -> int:
+    """Decoder layers of an `inputs` model (a model directory, or the base of a finetune output)."""
     from stcompress.stages.export import resolve_source
 
-    source = resolve_source(ExportConfig(input=path, base_model=base_model))
+    source = resolve_source(ExportConfig(input=path))
     return arch.text_config(transformers.AutoConfig.from_pretrained(source.model_path)).num_hidden_layers
 
 
