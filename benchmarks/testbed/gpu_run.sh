@@ -6,11 +6,13 @@
 #   bash benchmarks/testbed/gpu_run.sh            # stage carried files; build; run; pack $OUT
 #
 # What to carry (ignored paths; one or more per call, any order; see benchmarks/testbed/README.md):
-#   .whl                                         gguf, soundfile, cffi, pycparser, bitsandbytes wheels
+#   .whl                                         gguf, soundfile, cffi, pycparser (+ bitsandbytes while the tree is small)
+#   runs/carry/bitsandbytes-*.whl.partNN         a large wheel in split-pack chunks (+ its .sha256)
 #   runs/carry/testbed-base.gguf.partNN          the pack in chunks (split-pack; + testbed-base.gguf.sha256)
 #   runs/carry/testbed-data-de.tar[.partNN]      speech + manifests, English -> German (whole, or split-pack chunks + .sha256)
 #   runs/carry/testbed-data-zh.tar               speech + manifests, English -> Chinese
-# Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh").
+# Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh"),
+#   TB_SEED_<lang> (step 4b: finished stages from a committed results folder).
 set -uo pipefail
 TB=/tmp/tb
 BUDGET=${TB_BUDGET:-500}
@@ -35,6 +37,18 @@ if [ -d runs/carry ]; then
   for f in runs/carry/*; do [ -e "$f" ] && cp -f "$f" "$TB/carry/" && echo "staged $(basename "$f")"; done
 fi
 
+# 2b. a wheel too large for one call (bitsandbytes, 43 MB, once the tree is over ~24 MB) travels as
+#     split-pack chunks (runs/carry/NAME.whl.partNN + NAME.whl.sha256): join, check, install (once)
+for sha in "$TB"/carry/*.whl.sha256; do
+  [ -e "$sha" ] || continue
+  whl="${sha%.sha256}"
+  [ -f "$whl" ] || python3 -m stcompress.testbed join-pack "$whl" || { echo "$(basename "$whl"): not all chunks yet"; continue; }
+  if [ ! -f "$whl.installed" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TB/site" "$whl" \
+      && touch "$whl.installed" && echo "installed $(basename "$whl")"
+  fi
+done
+
 # 3. the base model: join the pack, build the model (once)
 if [ ! -f "$TB/testbed/base/config.json" ]; then
   if [ -f "$TB/carry/testbed-base.gguf.sha256" ] && [ ! -f "$TB/carry/testbed-base.gguf" ]; then
@@ -53,6 +67,23 @@ for L in $LANGS; do
   fi
   if [ ! -f "$TB/data/$L/checks.json" ] && [ -f "$TB/carry/testbed-data-$L.tar" ]; then
     mkdir -p "$TB/data" && tar -xf "$TB/carry/testbed-data-$L.tar" -C "$TB/data" && echo "data $L unpacked"
+  fi
+done
+
+# 4b. seeds: finished stage outputs from an earlier stretch (collect_artifacts' files, e.g. an
+#     adapter dir with its manifest, and plan.json), carried as runs/seed/testbed-<lang>/...; never
+#     overwrites what this machine already has. The runner skips a seeded stage whose manifest and
+#     config still match, and reruns what reads it (e.g. a merge) from the seeded adapter.
+#     TB_SEED_<lang>=DIR STAGE...: the same from a committed results folder that travels with the tree,
+#     e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr" (its plan.json and the asr adapter).
+for L in $LANGS; do
+  v="TB_SEED_$L"; seed=(${!v:-})
+  if [ ${#seed[@]} -gt 1 ]; then
+    mkdir -p "$TB/runs/testbed-$L" && cp -n "${seed[0]}/plan.json" "$TB/runs/testbed-$L/" \
+      && for s in "${seed[@]:1}"; do cp -rn "${seed[0]}/$s" "$TB/runs/testbed-$L/"; done && echo "seeded testbed-$L from ${seed[*]}"
+  fi
+  if [ -d "runs/seed/testbed-$L" ]; then
+    mkdir -p "$TB/runs/testbed-$L" && cp -rn "runs/seed/testbed-$L/." "$TB/runs/testbed-$L/" && echo "seeded testbed-$L: $(ls "runs/seed/testbed-$L" | tr '\n' ' ')"
   fi
 done
 
