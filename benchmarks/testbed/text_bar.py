@@ -8,6 +8,10 @@ newline; scores are sacrebleu's, as in `stcompress evaluate`.
 
     PYTHONPATH=src python benchmarks/testbed/text_bar.py --model runs/testbed/base \
         --data runs/testbed-data/de --shots 5 --out benchmarks/testbed/results/text-bar-de.json
+
+The cascade bar: `--split dev --sources DIR/hypotheses.jsonl` reads the English side from a
+transcription's outputs instead (an `stcompress evaluate` of the ASR model, e.g. the recipe's
+`asr-dev`), so the LM translates what the model heard: what a cascade of the two would score.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--split", choices=("test", "dev"), default="test", help="the sentences translated")
+    ap.add_argument("--sources", type=Path, default=None,
+                    help="hypotheses.jsonl of a transcription (id -> hypothesis): the English side it heard")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
@@ -52,8 +59,15 @@ def main() -> None:
     from stcompress.metrics.text import corpus_score
 
     lang = "zh" if (args.data / "test.jsonl").read_text(encoding="utf-8").count('"text_zh"') else "de"
-    train, test = read_jsonl(args.data / "train.jsonl"), read_jsonl(args.data / "test.jsonl")
+    train, test = read_jsonl(args.data / "train.jsonl"), read_jsonl(args.data / f"{args.split}.jsonl")
     test = list({r["sentence"]: r for r in test}.values())[: args.limit]
+    if args.sources is not None:  # the cascade: the English side as a transcription heard it
+        heard = {r["id"]: r["hypothesis"] for r in read_jsonl(args.sources)}
+        missing = [r["id"] for r in test if r["id"] not in heard]
+        if missing:
+            raise SystemExit(f"error: {args.sources} has no hypothesis for {len(missing)} of the {args.split} clips "
+                             f"(first: {missing[0]}); give the transcription of this data's {args.split} split")
+        test = [{**r, "text_en": heard[r["id"]]} for r in test]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoProcessor.from_pretrained(str(args.model)).tokenizer
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(args.model), dtype=torch.float32).to(device).eval()
@@ -71,7 +85,8 @@ def main() -> None:
             hyps.append(tok.decode(row, skip_special_tokens=True).split("\n")[0].strip())
     refs = [r[f"text_{lang}"] for r in test]
     scores = {m: corpus_score(m, hyps, refs, lang).to_dict() for m in ("bleu", "chrf", "chrf++")}
-    record = {"model": str(args.model), "lang": lang, "shots": args.shots, "segments": len(test),
+    record = {"model": str(args.model), "lang": lang, "shots": args.shots, "split": args.split,
+              "sources": str(args.sources) if args.sources else "reference transcripts", "segments": len(test),
               "seconds": round(time.perf_counter() - start, 1), "device": device,
               "scores": {k: round(v["score"], 2) for k, v in scores.items()},
               "signatures": {k: v["signature"] for k, v in scores.items()},
