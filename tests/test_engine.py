@@ -125,6 +125,35 @@ def test_audio_features_are_per_clip_and_remembered_per_tower(loaded, speech_lik
             arch.audio_tower(model).layers[0].fc1.weight[0, 0] -= 1e-3
 
 
+def test_memo_dir_carries_tower_outputs_to_a_later_process(loaded, speech_like, monkeypatch, tmp_path):
+    """STCOMPRESS_TOWER_MEMO_DIR: a new process (an empty memo) reads what an earlier one encoded,
+    bit for bit, without running the tower; a changed tower misses (its own fingerprint folder)."""
+    model, processor = loaded
+    extractor = processor.feature_extractor
+    monkeypatch.setenv(tower_memo.MEMO_DIR_ENV, str(tmp_path / "memo"))
+    audio = [speech_like(1.2, seed=31), speech_like(2.5, seed=32)]
+    first = tower_memo.tower_outputs(model, extractor, audio)
+    (fp_dir,) = (tmp_path / "memo").iterdir()
+    assert sorted(p.suffix for p in fp_dir.iterdir()) == [".pt", ".pt"]  # no temporary file left
+    tower_memo.MEMO.clear()  # what a new process starts with
+    calls = []
+    real = arch.tower_states
+    monkeypatch.setattr(arch, "tower_states", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    again = tower_memo.tower_outputs(model, extractor, audio)
+    assert calls == [] and tower_memo.MEMO.disk_hits == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with torch.no_grad():
+        arch.audio_tower(model).layers[0].fc1.weight[0, 0] += 1e-3
+    try:
+        tower_memo.MEMO.clear()
+        changed = tower_memo.tower_outputs(model, extractor, audio)
+        assert len(calls) == 2 and len(list((tmp_path / "memo").iterdir())) == 2
+        assert not torch.equal(changed[0], first[0])
+    finally:
+        with torch.no_grad():
+            arch.audio_tower(model).layers[0].fc1.weight[0, 0] -= 1e-3
+
+
 def test_memo_hits_equal_a_fresh_computation_in_any_grouping(loaded, speech_like):
     """A resumed `run` finds other clips in the memo than the uninterrupted one did: its outputs
     must be the same bits, whichever clips were computed together (issue 9 item 10)."""

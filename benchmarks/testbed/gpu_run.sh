@@ -31,6 +31,8 @@ export PYTHONPATH="$PWD/src:$TB/site"
 export SACREBLEU="$TB/sacrebleu" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # every clip's tower output stays in memory for the whole run (~1.5 GB for 8k short clips)
 export STCOMPRESS_TOWER_MEMO_MB=${STCOMPRESS_TOWER_MEMO_MB:-24000}
+# ... and on disk for the next call's process (run 3: 106-132 s of tower per call for 13,750 clips)
+export STCOMPRESS_TOWER_MEMO_DIR=${STCOMPRESS_TOWER_MEMO_DIR:-$TB/tower-memo}
 
 # 2. stage whatever this call carried (the repo copy may be fresh next call; /tmp/tb is not)
 if [ -d runs/carry ]; then

@@ -9,6 +9,11 @@ extractor's settings, so any change to the tower (training, a LoRA merge, anothe
 never a stale hit. 4-bit towers are not remembered (their packed weights and quantization state are
 not plain tensors). Memory is bounded (STCOMPRESS_TOWER_MEMO_MB, default 2048; 0 turns it off);
 the least recently used clips go first.
+
+Across processes (one GPU stretch runs a recipe in several calls, each a new process):
+STCOMPRESS_TOWER_MEMO_DIR=DIR also keeps every remembered output as DIR/<fingerprint>/<clip>.pt
+(written to a temporary name, then renamed) and reads it back on a miss in memory, so a later
+process does not encode the same clips with the same tower again. Off when unset.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from stcompress.data.audio import SAMPLE_RATE
 from stcompress.model import arch
 
 MEMO_ENV = "STCOMPRESS_TOWER_MEMO_MB"
+MEMO_DIR_ENV = "STCOMPRESS_TOWER_MEMO_DIR"
 
 
 def clip_key(audio: np.ndarray) -> str:
@@ -48,7 +54,7 @@ class TowerMemo:
         self.limit = limit_bytes
         self.store: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.nbytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.disk_hits = 0
         # tower module -> (tensor identities and versions, fingerprint); weak, so a freed model's
         # entry can never be mistaken for a new model that reuses its memory.
         self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str | None]] = weakref.WeakKeyDictionary()
@@ -78,9 +84,29 @@ class TowerMemo:
         out = self.store.get((fp, key))
         if out is not None:
             self.store.move_to_end((fp, key))
+            return out
+        path = self._disk_path(fp, key)
+        if path is not None and os.path.isfile(path):
+            out = torch.load(path, map_location="cpu", weights_only=True)
+            self.disk_hits += 1
+            self._keep(fp, key, out)
         return out
 
     def put(self, fp: str, key: str, value: torch.Tensor) -> None:
+        path = self._disk_path(fp, key)
+        if path is not None and not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save(value.contiguous(), tmp)
+            os.replace(tmp, path)
+        self._keep(fp, key, value)
+
+    @staticmethod
+    def _disk_path(fp: str, key: str) -> str | None:
+        root = os.environ.get(MEMO_DIR_ENV)
+        return os.path.join(root, fp, f"{key}.pt") if root else None
+
+    def _keep(self, fp: str, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.limit or (fp, key) in self.store:
             return
@@ -93,7 +119,7 @@ class TowerMemo:
     def clear(self) -> None:
         self.store.clear()
         self._fingerprints.clear()
-        self.nbytes = self.hits = self.misses = 0
+        self.nbytes = self.hits = self.misses = self.disk_hits = 0
 
 
 MEMO = TowerMemo(int(float(os.environ.get(MEMO_ENV, "2048")) * 2**20))
