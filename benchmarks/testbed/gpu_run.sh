@@ -72,21 +72,17 @@ for L in $LANGS; do
   fi
 done
 
-# 4b. seeds: finished stage outputs from an earlier stretch (collect_artifacts' files, e.g. an
-#     adapter dir with its manifest, and plan.json), carried as runs/seed/testbed-<lang>/...; never
-#     overwrites what this machine already has. The runner skips a seeded stage whose manifest and
-#     config still match, and reruns what reads it (e.g. a merge) from the seeded adapter.
-#     TB_SEED_<lang>=DIR STAGE...: the same from a committed results folder that travels with the tree,
-#     e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr" (its plan.json and the asr adapter).
+# 4b. seeds: finished stage outputs of an earlier stretch (collect_artifacts' files: an adapter dir
+#     with its manifest, and plan.json), never overwriting what this machine already has. The runner
+#     skips a seeded stage whose manifest and config still match and reruns what reads it (e.g. a
+#     merge) from the seeded adapter. TB_SEED_<lang>="DIR STAGE...": DIR a committed results folder
+#     (it travels with the tree), e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr", or a
+#     carried one (runs/seed/...).
 for L in $LANGS; do
   v="TB_SEED_$L"; seed=(${!v:-})
-  if [ ${#seed[@]} -gt 1 ]; then
-    mkdir -p "$TB/runs/testbed-$L" && cp -n "${seed[0]}/plan.json" "$TB/runs/testbed-$L/" \
-      && for s in "${seed[@]:1}"; do cp -rn "${seed[0]}/$s" "$TB/runs/testbed-$L/"; done && echo "seeded testbed-$L from ${seed[*]}"
-  fi
-  if [ -d "runs/seed/testbed-$L" ]; then
-    mkdir -p "$TB/runs/testbed-$L" && cp -rn "runs/seed/testbed-$L/." "$TB/runs/testbed-$L/" && echo "seeded testbed-$L: $(ls "runs/seed/testbed-$L" | tr '\n' ' ')"
-  fi
+  [ ${#seed[@]} -gt 1 ] || continue
+  mkdir -p "$TB/runs/testbed-$L" && cp -n "${seed[0]}/plan.json" "$TB/runs/testbed-$L/" \
+    && for s in "${seed[@]:1}"; do cp -rn "${seed[0]}/$s" "$TB/runs/testbed-$L/"; done && echo "seeded testbed-$L from ${seed[*]}"
 done
 
 # the recipes read runs/testbed/base, runs/testbed-data/<lang>/ and write runs/testbed-<lang>/

@@ -12,24 +12,27 @@ the least recently used clips go first.
 
 Across processes (one GPU stretch runs a recipe in several calls, each a new process):
 STCOMPRESS_TOWER_MEMO_DIR=DIR also keeps every remembered output as DIR/<fingerprint>/<clip>.pt
-(written to a temporary name, then renamed) and reads it back on a miss in memory, so a later
+(`artifacts.atomic_write_bytes`: never a half-written file) and reads it back on a miss in memory, so a later
 process does not encode the same clips with the same tower again. Off when unset.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from stcompress.artifacts import atomic_write_bytes
 from stcompress.data.audio import SAMPLE_RATE
 from stcompress.model import arch
 
@@ -95,10 +98,9 @@ class TowerMemo:
     def put(self, fp: str, key: str, value: torch.Tensor) -> None:
         path = self._disk_path(fp, key)
         if path is not None and not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save(value.contiguous(), tmp)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            torch.save(value.contiguous(), buf)
+            atomic_write_bytes(Path(path), buf.getvalue())
         self._keep(fp, key, value)
 
     @staticmethod
