@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -222,31 +223,95 @@ def _recipe_run3(base: Path, run_dir: Path) -> dict:
     }
 
 
-@pytest.mark.slow  # four real stages on the tiny testbed: ~1 min on 2 cores
-def test_rebuild_replays_a_chain_of_adapters_that_train_the_projector(tmp_path):
+@pytest.fixture(scope="module")
+def run3_chain(tmp_path_factory):
+    """Run 3's teacher chain on the tiny testbed (four real stages, ~1 min on 2 cores), collected."""
+    root = tmp_path_factory.mktemp("run3")
+    sys.path.insert(0, str(ROOT / "tests"))
+    base = _script("smoke_cpu").tiny_base(root / "model")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_run3(base, Path("run"))))  # relative, as the GPU driver's recipes
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        assert cli.main(["run", str(recipe), "-q"]) == 0
+    finally:
+        os.chdir(here)
+    collect = _script("collect_artifacts")
+    artifacts = root / "artifacts"
+    for f in collect.pack(collect.collect(root / "run", []), root / "out", "tb"):
+        with tarfile.open(f) as tar:
+            tar.extractall(artifacts, filter="data")
+    return base, root / "run", artifacts
+
+
+@pytest.mark.slow
+def test_rebuild_replays_a_chain_of_adapters_that_train_the_projector(run3_chain, tmp_path):
     """The teacher of run 3's recipes (two adapters, each carrying projector weights) comes back
     from the base + the collected artifacts alone: the same translations, weights within fp16 rounding."""
     from safetensors import safe_open
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    base = _script("smoke_cpu").tiny_base(tmp_path / "model")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe_run3(base, tmp_path / "run")))
-    assert cli.main(["run", str(recipe), "-q"]) == 0
-    collect = _script("collect_artifacts")
-    artifacts = tmp_path / "artifacts"
-    for f in collect.pack(collect.collect(tmp_path / "run", []), tmp_path / "out", "tb"):
-        with tarfile.open(f) as tar:
-            tar.extractall(artifacts, filter="data")
+    base, run, artifacts = run3_chain
     assert not (artifacts / "projector.safetensors").exists()  # no frozen-LM warm-up in this chain
     for stage in ("asr", "teacher"):
         with safe_open(str(artifacts / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
             assert any("multi_modal_projector" in k and "lora_" not in k for k in f.keys())
     out = tmp_path / "rebuilt"
     assert cli_rebuild(base, artifacts, "teacher", out) == 0
-    rebuilt, original = _state(out), _state(tmp_path / "run" / "teacher-merged")
+    rebuilt, original = _state(out), _state(run / "teacher-merged")
     moved = _max_diff(original, _state(base))
     assert moved > 1e-3 and _max_diff(rebuilt, original) < 1e-2 * moved
     proj = [k for k in original if "multi_modal_projector" in k]
     assert proj and _max_diff({k: rebuilt[k] for k in proj}, {k: original[k] for k in proj}) < 1e-2 * moved
-    assert _translate(out, tmp_path / "hyp-rebuilt") == _translate(tmp_path / "run" / "teacher-merged", tmp_path / "hyp-run")
+    assert _translate(out, tmp_path / "hyp-rebuilt") == _translate(run / "teacher-merged", tmp_path / "hyp-run")
+
+
+def cli_seed(base, artifacts, run_dir, stages):
+    from stcompress.testbed.__main__ import main
+
+    return main(["seed", "--base", str(base), "--artifacts", str(artifacts), "--run-dir", str(run_dir), "--stages", stages])
+
+
+def test_seed_gives_a_fresh_run_dir_the_finished_stages_and_the_recipe_continues_after_them(run3_chain, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A later GPU stretch starts on a bare machine: `seed` puts the collected stages (merged weights
+    rebuilt) into a new run directory, the runner skips them and runs only what comes after."""
+    from stcompress.config import RunConfig
+    from stcompress.stages import run as runner
+
+    base, run, artifacts = run3_chain
+    monkeypatch.chdir(tmp_path)  # the same relative run_dir as the run that made the artifacts
+    fresh = tmp_path / "run"
+    recipe = _recipe_run3(base, Path("run"))
+    recipe["stages"].append({"name": "teacher-eval", "stage": "evaluate", "config": {
+        "model": {"path": "${teacher-merged}"}, "data": CHECK}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    assert cli_seed(base, artifacts, fresh, "asr,asr-typo") == 2  # checked before anything is written
+    err = capsys.readouterr().err
+    assert "asr-typo is not a finished stage" in err and "teacher-merged" in err and not fresh.exists()
+
+    assert cli_seed(base, artifacts, fresh, "asr,asr-merged,teacher,teacher-merged") == 0
+    assert runner.decide(runner.parse_recipe(path), RunConfig(recipe=str(path))) == {
+        "asr": "skip: unchanged", "asr-merged": "skip: unchanged", "teacher": "skip: unchanged",
+        "teacher-merged": "skip: unchanged", "teacher-eval": "run: no complete output"}
+    for stage in ("asr-merged", "teacher-merged"):  # every file the manifest lists is there again
+        listed = json.loads((fresh / stage / "manifest.json").read_text())["files"]
+        assert "model.safetensors" in listed and all((fresh / stage / f).is_file() for f in listed)
+        assert (fresh / stage / "manifest.json").read_bytes() == (run / stage / "manifest.json").read_bytes()
+    assert (fresh / "teacher" / "adapter" / "tokenizer.json").is_file()
+    seeded = json.loads((fresh / "seeded.json").read_text())["stages"]
+    assert seeded["teacher-merged"]["rebuilt"] == ["chat_template.jinja", "model.safetensors", "tokenizer.json"]
+    assert _translate(fresh / "teacher-merged", tmp_path / "hyp-seeded") == _translate(run / "teacher-merged", tmp_path / "hyp-run")
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")]  # no temp left
+
+    weights = fresh / "teacher-merged" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert cli_seed(base, artifacts, fresh, "teacher-merged") == 0  # again: what is there stays
+    assert "nothing new" in capsys.readouterr().out and weights.stat().st_mtime_ns == before
+
+    assert cli.main(["run", str(path), "-q"]) == 0
+    assert (fresh / "teacher-eval" / "scores.json").is_file()
+    plan = json.loads((fresh / "plan.json").read_text())["stages"]
+    assert plan["teacher-merged"]["last_decision"] == "skip: unchanged"

@@ -12,7 +12,7 @@
 #   runs/carry/testbed-data-de.tar[.partNN]      speech + manifests, English -> German (whole, or split-pack chunks + .sha256)
 #   runs/carry/testbed-data-zh.tar               speech + manifests, English -> Chinese
 # Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh"),
-#   TB_SEED_<lang> (step 4b: finished stages from a committed results folder).
+#   TB_SEED_<lang> (step 4b: finished stages from a committed results folder, merged weights rebuilt).
 set -uo pipefail
 TB=/tmp/tb
 BUDGET=${TB_BUDGET:-500}
@@ -72,19 +72,6 @@ for L in $LANGS; do
   fi
 done
 
-# 4b. seeds: finished stage outputs of an earlier stretch (collect_artifacts' files: an adapter dir
-#     with its manifest, and plan.json), never overwriting what this machine already has. The runner
-#     skips a seeded stage whose manifest and config still match and reruns what reads it (e.g. a
-#     merge) from the seeded adapter. TB_SEED_<lang>="DIR STAGE...": DIR a committed results folder
-#     (it travels with the tree), e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr", or a
-#     carried one (runs/seed/...).
-for L in $LANGS; do
-  v="TB_SEED_$L"; seed=(${!v:-})
-  [ ${#seed[@]} -gt 1 ] || continue
-  mkdir -p "$TB/runs/testbed-$L" && cp -n "${seed[0]}/plan.json" "$TB/runs/testbed-$L/" \
-    && for s in "${seed[@]:1}"; do cp -rn "${seed[0]}/$s" "$TB/runs/testbed-$L/"; done && echo "seeded testbed-$L from ${seed[*]}"
-done
-
 # the recipes read runs/testbed/base, runs/testbed-data/<lang>/ and write runs/testbed-<lang>/
 mkdir -p "$TB/runs"
 ln -sfn "$TB/testbed" runs/testbed
@@ -94,6 +81,21 @@ missing=""
 python3 -c "import gguf, soundfile" 2>/dev/null || missing="$missing wheels(.whl)"
 for L in $LANGS; do [ -f "runs/testbed-data/$L/checks.json" ] || missing="$missing data-$L"; done
 if [ -n "$missing" ]; then echo "waiting for:$missing"; exit 0; fi
+
+# 4b. seeds: finished stages of an earlier stretch, from its collected artifacts (`python -m
+#     stcompress.testbed seed`): each stage's files and manifest as collected, plan.json, and the fp32
+#     weights of merged stages rebuilt here from the base + the fp16 adapters; never over what this
+#     machine already has. The runner then skips the seeded stages whose manifest and config still
+#     match. TB_SEED_<lang>="DIR STAGE...": DIR a committed results folder (it travels with the tree),
+#     e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr asr-merged asr-dev teacher teacher-merged teacher-eval"
+for L in $LANGS; do
+  v="TB_SEED_$L"; seed=(${!v:-})
+  [ ${#seed[@]} -gt 1 ] || continue
+  stages=$(IFS=,; echo "${seed[*]:1}")
+  python3 -m stcompress.testbed seed --base runs/testbed/base --artifacts "${seed[0]}" --run-dir "$TB/runs/testbed-$L" \
+    --stages "$stages" --device cuda 2>&1 | tail -n 3 || { echo "seed $L failed"; exit 1; }
+  cp -n "${seed[0]}/text-bar-$L.json" "$TB/runs/" 2>/dev/null  # the same base build's bar (step 5a)
+done
 
 # 5a. the sanity bar (once per language): the base LM translating the transcripts, 5-shot
 for L in $LANGS; do

@@ -1,4 +1,4 @@
-"""Model commands of `python -m stcompress.testbed`: build-pack, build-model, rebuild, split-pack, join-pack."""
+"""Model commands of `python -m stcompress.testbed`: build-pack, build-model, rebuild, seed, split-pack, join-pack."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=Path, required=True, help="the model directory to write (must not exist)")
     r.add_argument("--check-data", default="builtin:demo-dev", help="clips for the stages' reload checks (default: the package's own)")
     r.add_argument("--device", default="cpu")
+    e = sub.add_parser("seed", help="finished stages of an earlier run (its artifacts) into a run directory, model weights rebuilt")
+    e.add_argument("--base", type=Path, required=True, help="the base model build-model wrote, e.g. runs/testbed/base")
+    e.add_argument("--artifacts", type=Path, required=True, help="unpacked collect_artifacts output, e.g. benchmarks/testbed/results/de-run3")
+    e.add_argument("--run-dir", type=Path, required=True, help="the recipe's run_dir, e.g. runs/testbed-de")
+    e.add_argument("--stages", required=True, help="comma-separated finished stages, e.g. asr,asr-merged,teacher,teacher-merged")
+    e.add_argument("--check-data", default="builtin:demo-dev", help="clips for the rebuilt stages' reload checks")
+    e.add_argument("--device", default="cpu")
     j = sub.add_parser("join-pack", help="rejoin chunks written by split-pack (sha256 checked)")
     j.add_argument("file", type=Path, help="the file to recreate; its chunks FILE.partNN and FILE.sha256 beside it")
 
@@ -52,6 +59,12 @@ def run_command(args: argparse.Namespace) -> int:
         from stcompress.testbed.rebuild import rebuild
 
         print(rebuild(args.base, args.artifacts, args.system, args.out, check_data=args.check_data, device=args.device))
+    elif args.cmd == "seed":
+        from stcompress.testbed.rebuild import seed
+
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        done = seed(args.base, args.artifacts, args.run_dir, stages, check_data=args.check_data, device=args.device)
+        print(f"seeded {args.run_dir}: {', '.join(done) or 'nothing new'}")
     elif args.cmd == "split-pack":
         split(args.file, args.mib)
     elif args.cmd == "tar-data":

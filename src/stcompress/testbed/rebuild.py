@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stcompress.artifacts import MANIFEST, build_manifest, path_identity, read_manifest, staged_output, write_manifest
+from stcompress.artifacts import (MANIFEST, atomic_write_json, build_manifest, path_identity, read_manifest, staged_output,
+                                  write_manifest)
 from stcompress.config import DataConfig, ExportConfig, ModelConfig, PruneConfig, load_config
 from stcompress.errors import ModelError
 
@@ -92,6 +93,25 @@ class Rebuilder:
             raise ModelError(f"{self.artifacts / name / MANIFEST}: a {stage} stage makes no model; rebuild a model stage")
         self.done[name] = path
         return path
+
+    def missing_files(self, name: str, missing: list[str]) -> list[tuple[str, Path]]:
+        """Where the files a stage's manifest lists but collect_artifacts did not keep come from: a
+        merged or pruned model's weights from its rebuild; an adapter's processor files (tokenizer.json,
+        dropped for size) from the model it was trained on, whose processor it saved."""
+        if not missing:
+            return []
+        m = self.manifest(name)
+        if m.get("stage") == "finetune":
+            source = self.build(self.name_of(m.get("base_model") or m["config"]["model"]["path"]))
+            found = [(f, source / Path(f).name) for f in missing]
+        else:
+            model = self.build(name)
+            found = [(f, model / f) for f in missing]
+        for f, path in found:
+            if not path.is_file():
+                raise ModelError(f"{name}: {f} (its manifest lists it) was not collected and its rebuild has none at "
+                                 f"{path}; the artifacts do not match this version of rebuild")
+        return found
 
     def _check_data(self, recorded: dict[str, Any] | None, lang: str | None = None) -> dict[str, Any]:
         """The recorded data options, on the check clips: only the reload checks read them."""
@@ -218,3 +238,68 @@ def rebuild(base: Path, artifacts: Path, system: str, out: Path, *, check_data: 
             write_manifest(tmp, manifest)
     log.info("rebuilt %s (%s) -> %s", system, name, out)
     return out
+
+
+SEEDED = "seeded.json"  # in the run directory: which stages came from artifacts, and which were rebuilt
+
+
+def seed(base: Path, artifacts: Path, run_dir: Path, stages: list[str], *, check_data: str = CHECK_DATA,
+         device: str = "cpu") -> list[str]:
+    """Finished stages of an earlier run, from its collected artifacts, into `run_dir`, so that
+    `stcompress run` on the same recipe skips them and continues where that run stopped.
+
+    Each stage's collected files go in unchanged, its manifest byte for byte (the runner's plan.json
+    record holds that manifest's hash); the run's plan.json too, when `run_dir` has none. What the
+    manifest lists but was not collected comes back (`Rebuilder.missing_files`): the weights of a
+    merged or pruned model rebuilt from the base and the adapters, as `rebuild` does (within the fp16
+    rounding of the adapters, not bit-identical: a stage that fingerprints its input model, such as
+    an unfinished importance search, starts afresh rather than resume), an adapter's processor files
+    from its base. `seeded.json` records what was rebuilt. A stage already in `run_dir` is left alone.
+    Returns the stages seeded.
+    """
+    plan = artifacts / "plan.json"
+    if not plan.is_file():
+        raise ModelError(f"artifacts: {artifacts} has no plan.json; collect the run again (collect_artifacts keeps it)")
+    for name in stages:
+        if not (artifacts / name / MANIFEST).is_file():
+            raise ModelError(f"stages: {name} is not a finished stage in {artifacts} (no {MANIFEST}); "
+                             f"seed only finished stages, e.g. {', '.join(sorted(_finished(artifacts))[:6])}")
+    if not (base / "config.json").is_file():
+        raise ModelError(f"base: {base} is not a model directory; build it with python -m stcompress.testbed build-model")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "plan.json").is_file():
+        shutil.copy2(plan, run_dir / "plan.json")
+    record_path = run_dir / SEEDED
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {"stages": {}}
+    done = []
+    with tempfile.TemporaryDirectory(prefix=".seed-", dir=run_dir) as work:
+        rebuilder = Rebuilder(base, artifacts, Path(work), check_data, device)
+        for name in stages:
+            target = run_dir / name
+            if target.exists():
+                log.info("seed: %s already in %s; left as it is", name, run_dir)
+                continue
+            src = artifacts / name
+            listed = read_manifest(src).get("files") or []
+            missing = [f for f in listed if not (src / f).exists()]
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.seed-", dir=run_dir))
+            try:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                for f, have in rebuilder.missing_files(name, missing):
+                    shutil.copy2(have, tmp / f)
+                if (tmp / MANIFEST).read_bytes() != (src / MANIFEST).read_bytes():
+                    raise ModelError(f"{name}: its manifest changed while seeding")
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            record["stages"][name] = {"artifacts": str(artifacts.resolve()), "rebuilt": missing,
+                                      "base": str(base.resolve()) if missing else None}
+            atomic_write_json(record_path, record)
+            log.info("seeded %s%s", name, f" (rebuilt {', '.join(missing)})" if missing else "")
+            done.append(name)
+    return done
+
+
+def _finished(artifacts: Path) -> list[str]:
+    return [d.name for d in artifacts.iterdir() if (d / MANIFEST).is_file()] if artifacts.is_dir() else []
