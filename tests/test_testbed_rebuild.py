@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -219,6 +220,7 @@ def _recipe_run3(base: Path, run_dir: Path) -> dict:
                 "mode": "lora", "model": {"path": "${asr-merged}"}, "data": DATA, "dev": {"dataset": "none"},
                 "lora": lora, "train": TRAIN}},
             {"name": "teacher-merged", "stage": "export", "config": {"input": "${teacher}", "dtype": "float32", "data": CHECK}},
+            {"name": "distill", "stage": "distill", "config": {"model": {"path": "${teacher-merged}"}, "data": DATA}},
         ],
     }
 
@@ -292,10 +294,18 @@ def test_seed_gives_a_fresh_run_dir_the_finished_stages_and_the_recipe_continues
     err = capsys.readouterr().err
     assert "asr-typo is not a finished stage" in err and "teacher-merged" in err and not fresh.exists()
 
-    assert cli_seed(base, artifacts, fresh, "asr,asr-merged,teacher,teacher-merged") == 0
+    # the real run's KD set is over collect_artifacts' size cap: seed translates it again
+    kept = tmp_path / "artifacts"
+    shutil.copytree(artifacts, kept)
+    for f in ("examples.jsonl", "hypotheses.jsonl"):
+        (kept / "distill" / f).unlink()
+    artifacts = kept
+
+    assert cli_seed(base, artifacts, fresh, "asr,asr-merged,teacher,teacher-merged,distill") == 0
     assert runner.decide(runner.parse_recipe(path), RunConfig(recipe=str(path))) == {
         "asr": "skip: unchanged", "asr-merged": "skip: unchanged", "teacher": "skip: unchanged",
-        "teacher-merged": "skip: unchanged", "teacher-eval": "run: no complete output"}
+        "teacher-merged": "skip: unchanged", "distill": "skip: unchanged", "teacher-eval": "run: no complete output"}
+    assert (fresh / "distill" / "examples.jsonl").read_text() == (run / "distill" / "examples.jsonl").read_text()
     for stage in ("asr-merged", "teacher-merged"):  # every file the manifest lists is there again
         listed = json.loads((fresh / stage / "manifest.json").read_text())["files"]
         assert "model.safetensors" in listed and all((fresh / stage / f).is_file() for f in listed)
@@ -303,6 +313,8 @@ def test_seed_gives_a_fresh_run_dir_the_finished_stages_and_the_recipe_continues
     assert (fresh / "teacher" / "adapter" / "tokenizer.json").is_file()
     seeded = json.loads((fresh / "seeded.json").read_text())["stages"]
     assert seeded["teacher-merged"]["rebuilt"] == ["chat_template.jinja", "model.safetensors", "tokenizer.json"]
+    assert seeded["distill"]["rebuilt"] == ["examples.jsonl", "hypotheses.jsonl"]
+    assert seeded["distill"]["counts_rebuilt"] == seeded["distill"]["counts_recorded"]
     assert _translate(fresh / "teacher-merged", tmp_path / "hyp-seeded") == _translate(run / "teacher-merged", tmp_path / "hyp-run")
     assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")]  # no temp left
 

@@ -63,6 +63,7 @@ class Rebuilder:
         self.base, self.artifacts, self.work = base.resolve(), artifacts, work
         self.check_data, self.device = check_data, device
         self.done: dict[str, Path] = {}
+        self.notes: dict[str, dict[str, Any]] = {}  # per stage: what a rebuild could not match exactly
 
     # -- the chain ---------------------------------------------------------------------------
 
@@ -97,13 +98,17 @@ class Rebuilder:
     def missing_files(self, name: str, missing: list[str]) -> list[tuple[str, Path]]:
         """Where the files a stage's manifest lists but collect_artifacts did not keep come from: a
         merged or pruned model's weights from its rebuild; an adapter's processor files (tokenizer.json,
-        dropped for size) from the model it was trained on, whose processor it saved."""
+        dropped for size) from the model it was trained on, whose processor it saved; KD data over
+        collect_artifacts' size cap from the rebuilt teacher translating the training data again."""
         if not missing:
             return []
         m = self.manifest(name)
         if m.get("stage") == "finetune":
             source = self.build(self.name_of(m.get("base_model") or m["config"]["model"]["path"]))
             found = [(f, source / Path(f).name) for f in missing]
+        elif m.get("stage") == "distill":
+            out = self._distill(name, m)
+            found = [(f, out / f) for f in missing]
         else:
             model = self.build(name)
             found = [(f, model / f) for f in missing]
@@ -112,6 +117,22 @@ class Rebuilder:
                 raise ModelError(f"{name}: {f} (its manifest lists it) was not collected and its rebuild has none at "
                                  f"{path}; the artifacts do not match this version of rebuild")
         return found
+
+    def _distill(self, name: str, m: dict[str, Any]) -> Path:
+        """KD data the run did not keep: the rebuilt teacher translates the recorded training data
+        again with the recorded settings (greedy: the same outputs up to the adapters' fp16 rounding).
+        Its counts go to `notes` beside the recorded ones."""
+        from stcompress.config import DistillConfig
+        from stcompress.stages import distill
+
+        cfg = dict(m.get("config") or {})
+        teacher = self.build(self.name_of(cfg["model"]["path"]))
+        out = self.work / name
+        dcfg = load_config(DistillConfig, cfg | {"output": str(out),
+                                                 "model": dict(cfg["model"], path=str(teacher), device=self.device)})
+        distill.run(dcfg, progress=False)
+        self.notes[name] = {"counts_recorded": m.get("counts"), "counts_rebuilt": read_manifest(out).get("counts")}
+        return out
 
     def _check_data(self, recorded: dict[str, Any] | None, lang: str | None = None) -> dict[str, Any]:
         """The recorded data options, on the check clips: only the reload checks read them."""
@@ -254,7 +275,8 @@ def seed(base: Path, artifacts: Path, run_dir: Path, stages: list[str], *, check
     merged or pruned model rebuilt from the base and the adapters, as `rebuild` does (within the fp16
     rounding of the adapters, not bit-identical: a stage that fingerprints its input model, such as
     an unfinished importance search, starts afresh rather than resume), an adapter's processor files
-    from its base. `seeded.json` records what was rebuilt. A stage already in `run_dir` is left alone.
+    from its base, KD data that was too large to collect translated again by the rebuilt teacher.
+    `seeded.json` records what was rebuilt (for KD data, its counts against the recorded ones). A stage already in `run_dir` is left alone.
     Returns the stages seeded.
     """
     plan = artifacts / "plan.json"
@@ -294,7 +316,7 @@ def seed(base: Path, artifacts: Path, run_dir: Path, stages: list[str], *, check
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             record["stages"][name] = {"artifacts": str(artifacts.resolve()), "rebuilt": missing,
-                                      "base": str(base.resolve()) if missing else None}
+                                      "base": str(base.resolve()) if missing else None, **rebuilder.notes.get(name, {})}
             atomic_write_json(record_path, record)
             log.info("seeded %s%s", name, f" (rebuilt {', '.join(missing)})" if missing else "")
             done.append(name)
