@@ -114,3 +114,23 @@ def _predicted_exactly(out: Path, fmt: str, bits: str, dtype: str) -> None:
 def sizes_shrink(out: Path, full: Path) -> bool:
     """3-bit decoder weights take under a quarter of their bf16 size (fp32 source: under an eighth)."""
     return component_bytes(out)["components"]["decoder_layers"] < component_bytes(full)["components"]["decoder_layers"] / 4
+
+
+def test_int8_model_logs_bitsandbytes_per_matmul_warning_once(tmp_path, tiny_model_dir, caplog):
+    """LLM.int8 warns about its input cast on every matmul; loading an int8 model through us lets
+    each distinct message through once (the testbed sweep logged it 34,804 times)."""
+    import logging
+
+    from stcompress.config import ModelConfig
+    from stcompress.model.load import load_model
+
+    out = export.run(_cfg(tmp_path, tiny_model_dir, quantize="int8"), progress=False)
+    loaded = load_model(ModelConfig(path=str(out), device="cpu"))
+    assert getattr(loaded.model, "is_loaded_in_8bit", False)
+    bnb = logging.getLogger("bitsandbytes.autograd._functions")
+    cast = f"MatMul8bitLt: inputs will be cast ({tmp_path.name})"  # unique: the filter lives for the process
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            bnb.warning(cast)
+        bnb.warning("%s, another", cast)
+    assert [r.getMessage() for r in caplog.records if r.name == bnb.name] == [cast, f"{cast}, another"]

@@ -240,6 +240,34 @@ def decompress(model: Any) -> None:
         quantizer.compressor.decompress_model(model)
 
 
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once. bitsandbytes' LLM.int8 logs the same cast warning
+    ("MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16") on every matmul of every
+    forward: 34,804 lines in one testbed sweep, burying the run's own log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+REPEATING_LOGGERS = ("bitsandbytes.autograd._functions",)
+
+
+def quiet_repeats() -> None:
+    """Install `OncePerMessage` on the third-party loggers that repeat per matmul (idempotent)."""
+    for name in REPEATING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OncePerMessage) for f in logger.filters):
+            logger.addFilter(OncePerMessage())
+
+
 def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedModel:
     """Load model + processor; `quantization` (a transformers quantization config: export's formats)
     replaces the paper's NF4 default of cfg.load_in_4bit."""
@@ -267,6 +295,8 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
         raise load_failure(path, exc) from None
     if "device_map" not in kwargs and not getattr(model, "is_loaded_in_8bit", False):  # int8 refuses .to; loads on CPU
         model.to(device)
+    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False):
+        quiet_repeats()
     decompress(model)
     model.eval()
     return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)
