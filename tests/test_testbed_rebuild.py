@@ -322,6 +322,8 @@ def test_seed_gives_a_fresh_run_dir_the_finished_stages_and_the_recipe_continues
     before = weights.stat().st_mtime_ns
     assert cli_seed(base, artifacts, fresh, "teacher-merged") == 0  # again: what is there stays
     assert "nothing new" in capsys.readouterr().out and weights.stat().st_mtime_ns == before
+    assert cli_seed(base, artifacts, tmp_path / "all", "all") == 0  # every finished stage, in the run's order
+    assert "seeded " + str(tmp_path / "all") + ": asr, asr-merged, teacher, teacher-merged, distill" in capsys.readouterr().out
 
     assert cli.main(["run", str(path), "-q"]) == 0
     assert (fresh / "teacher-eval" / "scores.json").is_file()

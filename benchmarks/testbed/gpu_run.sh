@@ -11,6 +11,7 @@
 #   runs/carry/testbed-base.gguf.partNN          the pack in chunks (split-pack; + testbed-base.gguf.sha256)
 #   runs/carry/testbed-data-de.tar[.partNN]      speech + manifests, English -> German (whole, or split-pack chunks + .sha256)
 #   runs/carry/testbed-data-zh.tar               speech + manifests, English -> Chinese
+#   runs/carry/seed-NAME.tar[.partNN]            an earlier stretch's results folder (step 4a; + .sha256)
 # Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh"),
 #   TB_SEED_<lang> (step 4b: finished stages from a committed results folder, merged weights rebuilt).
 set -uo pipefail
@@ -72,6 +73,22 @@ for L in $LANGS; do
   fi
 done
 
+# 4a. carried seeds (when the tree travels without benchmarks/testbed/results: scripts/slim_tree.sh):
+#     runs/carry/seed-NAME.tar (whole, or split-pack chunks + .sha256) -> /tmp/tb/seed/NAME (once)
+for sha in "$TB"/carry/seed-*.tar.sha256; do
+  [ -e "$sha" ] || continue
+  t="${sha%.sha256}"
+  [ -f "$t" ] || python3 -m stcompress.testbed join-pack "$t" || echo "$(basename "$t"): not all chunks yet"
+done
+for t in "$TB"/carry/seed-*.tar; do
+  [ -f "$t" ] || continue
+  n=$(basename "$t" .tar); n=${n#seed-}
+  if [ ! -d "$TB/seed/$n" ]; then
+    rm -rf "$TB/seed/.$n" && mkdir -p "$TB/seed/.$n" && tar -xf "$t" -C "$TB/seed/.$n" && mv "$TB/seed/.$n" "$TB/seed/$n" \
+      && echo "seed $n unpacked"
+  fi
+done
+
 # the recipes read runs/testbed/base, runs/testbed-data/<lang>/ and write runs/testbed-<lang>/
 mkdir -p "$TB/runs"
 ln -sfn "$TB/testbed" runs/testbed
@@ -80,6 +97,7 @@ missing=""
 [ -f runs/testbed/base/config.json ] || missing="$missing pack(testbed-base.gguf.part00..02 + .sha256)"
 python3 -c "import gguf, soundfile" 2>/dev/null || missing="$missing wheels(.whl)"
 for L in $LANGS; do [ -f "runs/testbed-data/$L/checks.json" ] || missing="$missing data-$L"; done
+for L in $LANGS; do v="TB_SEED_$L"; d=(${!v:-}); [ ${#d[@]} -lt 2 ] || [ -d "${d[0]}" ] || missing="$missing seed-$L(${d[0]})"; done
 if [ -n "$missing" ]; then echo "waiting for:$missing"; exit 0; fi
 
 # 4b. seeds: finished stages of an earlier stretch, from its collected artifacts (`python -m
@@ -87,7 +105,8 @@ if [ -n "$missing" ]; then echo "waiting for:$missing"; exit 0; fi
 #     weights of merged stages rebuilt here from the base + the fp16 adapters; never over what this
 #     machine already has. The runner then skips the seeded stages whose manifest and config still
 #     match. TB_SEED_<lang>="DIR STAGE...": DIR a committed results folder (it travels with the tree),
-#     e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr asr-merged asr-dev teacher teacher-merged teacher-eval"
+#     e.g. TB_SEED_de="benchmarks/testbed/results/de-run3 asr asr-merged asr-dev teacher teacher-merged teacher-eval",
+#     or a carried one (step 4a) with every finished stage: TB_SEED_de="/tmp/tb/seed/de-run3 all"
 for L in $LANGS; do
   v="TB_SEED_$L"; seed=(${!v:-})
   [ ${#seed[@]} -gt 1 ] || continue

@@ -38,7 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--base", type=Path, required=True, help="the base model build-model wrote, e.g. runs/testbed/base")
     e.add_argument("--artifacts", type=Path, required=True, help="unpacked collect_artifacts output, e.g. benchmarks/testbed/results/de-run3")
     e.add_argument("--run-dir", type=Path, required=True, help="the recipe's run_dir, e.g. runs/testbed-de")
-    e.add_argument("--stages", required=True, help="comma-separated finished stages, e.g. asr,asr-merged,teacher,teacher-merged")
+    e.add_argument("--stages", required=True, help="comma-separated finished stages, e.g. asr,asr-merged,teacher,teacher-merged, or all")
     e.add_argument("--check-data", default="builtin:demo-dev", help="clips for the rebuilt stages' reload checks")
     e.add_argument("--device", default="cpu")
     j = sub.add_parser("join-pack", help="rejoin chunks written by split-pack (sha256 checked)")

@@ -277,11 +277,15 @@ def seed(base: Path, artifacts: Path, run_dir: Path, stages: list[str], *, check
     an unfinished importance search, starts afresh rather than resume), an adapter's processor files
     from its base, KD data that was too large to collect translated again by the rebuilt teacher.
     `seeded.json` records what was rebuilt (for KD data, its counts against the recorded ones). A stage already in `run_dir` is left alone.
+    `stages` ["all"]: every stage plan.json records as done whose files were collected.
     Returns the stages seeded.
     """
     plan = artifacts / "plan.json"
     if not plan.is_file():
         raise ModelError(f"artifacts: {artifacts} has no plan.json; collect the run again (collect_artifacts keeps it)")
+    if stages == ["all"]:  # every finished stage, in the run's order
+        recorded = json.loads(plan.read_text(encoding="utf-8")).get("stages", {})
+        stages = [n for n, r in recorded.items() if r.get("status") == "done" and (artifacts / n / MANIFEST).is_file()]
     for name in stages:
         if not (artifacts / name / MANIFEST).is_file():
             raise ModelError(f"stages: {name} is not a finished stage in {artifacts} (no {MANIFEST}); "
