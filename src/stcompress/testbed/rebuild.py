@@ -276,8 +276,9 @@ def seed(base: Path, artifacts: Path, run_dir: Path, stages: list[str], *, check
     rounding of the adapters, not bit-identical: a stage that fingerprints its input model, such as
     an unfinished importance search, starts afresh rather than resume), an adapter's processor files
     from its base, KD data that was too large to collect translated again by the rebuilt teacher.
-    `seeded.json` records what was rebuilt (for KD data, its counts against the recorded ones). A stage already in `run_dir` is left alone.
-    `stages` ["all"]: every stage plan.json records as done whose files were collected.
+    `seeded.json` records what was rebuilt (for KD data, its counts against the recorded ones). A
+    stage already in `run_dir` is left alone. `stages` ["all"]: every stage plan.json records as
+    done whose files were collected.
     Returns the stages seeded.
     """
     plan = artifacts / "plan.json"
