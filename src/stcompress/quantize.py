@@ -174,6 +174,24 @@ def hqq_quantize(model: torch.nn.Module, chosen: Mapping[str, int], group_size: 
     model.is_hqq_quantized = model.is_hqq_serializable = True
 
 
+def hqq_compute_as_reloaded(model: torch.nn.Module) -> None:
+    """After the HQQ export is saved: make the model in memory compute as its reload does.
+
+    transformers 4.57's HQQ loader computes in float32 whatever dtype is asked (scales and zeros
+    as saved, dequantized weights and the other tensors in float32), while hqq_quantize built
+    the layers with the export dtype. On a CPU with native bf16 matmuls (AVX512-BF16 / AMX) the two
+    decode differently (the reload check caught it: 2 of 8 tokens agreed on the tiny model), so
+    the model we keep, check and report is the one a user gets back from `from_pretrained`."""
+    model.float()  # floating parameters and buffers; HQQ's packed integer weights are left as they are
+    for module in model.modules():
+        if type(module).__name__ == "HQQLinear":
+            module.compute_dtype = torch.float32
+            module.meta["compute_dtype"] = torch.float32
+            for key in ("meta_zero", "meta_scale"):
+                if isinstance(module.meta.get(key), dict):
+                    module.meta[key]["compute_dtype"] = torch.float32
+
+
 def describe_bits(fmt: str, chosen: Mapping[str, int], dtype: str, group_size: int) -> dict[str, Any]:
     """Per-component precision, for the manifest and the model card."""
     def label(c: str) -> str:

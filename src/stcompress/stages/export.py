@@ -393,6 +393,7 @@ def export_nf4(
         chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
         quantize.hqq_quantize(loaded.model, chosen, quantize.group_size("hqq", cfg.group_size), _dtype(cfg.dtype))
         save_model(loaded.model, loaded.processor, out)
+        quantize.hqq_compute_as_reloaded(loaded.model)
         return _checked(loaded, out, examples, cfg, reference)
     q = library_config(loaded, cfg)
     tmp = Path(tempfile.mkdtemp(prefix=".full-precision-", dir=out))  # inside the staging dir: a kill leaves nothing beside
