@@ -40,12 +40,19 @@ if [ -d runs/carry ]; then
   for f in runs/carry/*; do [ -e "$f" ] && cp -f "$f" "$TB/carry/" && echo "staged $(basename "$f")"; done
 fi
 
+# joined FILE: FILE is here whole (carried whole, or its split-pack chunks + FILE.sha256 joined now)
+joined() {
+  [ -f "$1" ] && return 0
+  [ -f "$1.sha256" ] || return 1
+  python3 -m stcompress.testbed join-pack "$1" || { echo "$(basename "$1"): not all chunks yet"; return 1; }
+}
+
 # 2b. a wheel too large for one call (bitsandbytes, 43 MB, once the tree is over ~24 MB) travels as
 #     split-pack chunks (runs/carry/NAME.whl.partNN + NAME.whl.sha256): join, check, install (once)
 for sha in "$TB"/carry/*.whl.sha256; do
   [ -e "$sha" ] || continue
   whl="${sha%.sha256}"
-  [ -f "$whl" ] || python3 -m stcompress.testbed join-pack "$whl" || { echo "$(basename "$whl"): not all chunks yet"; continue; }
+  joined "$whl" || continue
   if [ ! -f "$whl.installed" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$TB/site" "$whl" \
       && touch "$whl.installed" && echo "installed $(basename "$whl")"
@@ -54,10 +61,7 @@ done
 
 # 3. the base model: join the pack, build the model (once)
 if [ ! -f "$TB/testbed/base/config.json" ]; then
-  if [ -f "$TB/carry/testbed-base.gguf.sha256" ] && [ ! -f "$TB/carry/testbed-base.gguf" ]; then
-    python3 -m stcompress.testbed join-pack "$TB/carry/testbed-base.gguf" || echo "pack: not all chunks yet"
-  fi
-  if [ -f "$TB/carry/testbed-base.gguf" ]; then
+  if joined "$TB/carry/testbed-base.gguf"; then
     mkdir -p "$TB/testbed"
     python3 -m stcompress.testbed build-model --pack "$TB/carry/testbed-base.gguf" --out "$TB/testbed/base" || exit 1
   fi
@@ -65,25 +69,17 @@ fi
 
 # 4. the data: unpack each language's tar (once)
 for L in $LANGS; do
-  if [ -f "$TB/carry/testbed-data-$L.tar.sha256" ] && [ ! -f "$TB/carry/testbed-data-$L.tar" ]; then
-    python3 -m stcompress.testbed join-pack "$TB/carry/testbed-data-$L.tar" || echo "data $L: not all chunks yet"
-  fi
-  if [ ! -f "$TB/data/$L/checks.json" ] && [ -f "$TB/carry/testbed-data-$L.tar" ]; then
+  if [ ! -f "$TB/data/$L/checks.json" ] && joined "$TB/carry/testbed-data-$L.tar"; then
     mkdir -p "$TB/data" && tar -xf "$TB/carry/testbed-data-$L.tar" -C "$TB/data" && echo "data $L unpacked"
   fi
 done
 
 # 4a. carried seeds (when the tree travels without benchmarks/testbed/results: scripts/slim_tree.sh):
 #     runs/carry/seed-NAME.tar (whole, or split-pack chunks + .sha256) -> /tmp/tb/seed/NAME (once)
-for sha in "$TB"/carry/seed-*.tar.sha256; do
-  [ -e "$sha" ] || continue
-  t="${sha%.sha256}"
-  [ -f "$t" ] || python3 -m stcompress.testbed join-pack "$t" || echo "$(basename "$t"): not all chunks yet"
-done
-for t in "$TB"/carry/seed-*.tar; do
-  [ -f "$t" ] || continue
+for f in "$TB"/carry/seed-*.tar "$TB"/carry/seed-*.tar.sha256; do
+  t="${f%.sha256}"
   n=$(basename "$t" .tar); n=${n#seed-}
-  if [ ! -d "$TB/seed/$n" ]; then
+  if [ -e "$f" ] && [ ! -d "$TB/seed/$n" ] && joined "$t"; then
     rm -rf "$TB/seed/.$n" && mkdir -p "$TB/seed/.$n" && tar -xf "$t" -C "$TB/seed/.$n" && mv "$TB/seed/.$n" "$TB/seed/$n" \
       && echo "seed $n unpacked"
   fi
