@@ -38,6 +38,16 @@ def _script(name: str):
     return mod
 
 
+def _collected(run: Path, root: Path, name: str) -> Path:
+    """What the GPU driver keeps of `run` (collect_artifacts' volumes), unpacked into root/artifacts."""
+    collect = _script("collect_artifacts")
+    artifacts = root / "artifacts"
+    for f in collect.pack(collect.collect(run, []), root / "out", name):
+        with tarfile.open(f) as tar:
+            tar.extractall(artifacts, filter="data")
+    return artifacts
+
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "rslora": True, "targets": ["all-linear"], "audio_tower": False}
 DEFAULTS = {"model": {"dtype": "float32", "device": "cpu"}, "data": {"target_lang": "de"},
             "generation": {"max_new_tokens": 6, "batch_size": 4}}
@@ -77,13 +87,7 @@ def pipeline(tmp_path_factory):
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(base, root / "run")))
     assert cli.main(["run", str(recipe), "-q"]) == 0
-    collect = _script("collect_artifacts")
-    packed = collect.pack(collect.collect(root / "run", []), root / "out", "testbed-tiny")
-    artifacts = root / "artifacts"
-    for f in packed:
-        with tarfile.open(f) as tar:
-            tar.extractall(artifacts, filter="data")
-    return base, root / "run", artifacts
+    return base, root / "run", _collected(root / "run", root, "testbed-tiny")
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -239,12 +243,7 @@ def run3_chain(tmp_path_factory):
         assert cli.main(["run", str(recipe), "-q"]) == 0
     finally:
         os.chdir(here)
-    collect = _script("collect_artifacts")
-    artifacts = root / "artifacts"
-    for f in collect.pack(collect.collect(root / "run", []), root / "out", "tb"):
-        with tarfile.open(f) as tar:
-            tar.extractall(artifacts, filter="data")
-    return base, root / "run", artifacts
+    return base, root / "run", _collected(root / "run", root, "tb")
 
 
 @pytest.mark.slow
