@@ -16,6 +16,7 @@ from packaging.version import Version
 
 from stcompress.config import ModelConfig
 from stcompress.errors import ModelError
+from stcompress.model import attention
 
 log = logging.getLogger(__name__)
 
@@ -298,5 +299,6 @@ def load_model(cfg: ModelConfig, *, quantization: Any | None = None) -> LoadedMo
     if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False):
         quiet_repeats()
     decompress(model)
+    attention.materialise_single_kv(model)  # one KV head: K/V materialised for SDPA (a CUDA kernel fault)
     model.eval()
     return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=model.dtype)
