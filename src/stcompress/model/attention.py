@@ -11,7 +11,8 @@ zh run it turned whole batches of translations into garbage on the GPU only.
 `materialise_single_kv(model)` switches such a decoder to `sdpa_materialised_kv`: transformers'
 own sdpa function and masks, given K/V already repeated into contiguous memory (the copy
 transformers makes anyway for two or more KV heads). The result is the same arithmetic. It is a
-runtime setting of the loaded model, never saved (`save_model` writes plain `sdpa` configs).
+runtime setting of the loaded model: transformers writes no attention implementation into
+config.json, so a saved model loads with plain `sdpa` anywhere (tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ def _sdpa_materialised_kv(module: nn.Module, query: torch.Tensor, key: torch.Ten
 def register() -> None:
     """Make NAME a valid attention implementation (its masks: sdpa's). Idempotent."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if NAME not in AttentionInterface._global_mapping:
+    if NAME not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(NAME, _sdpa_materialised_kv)
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
+    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def needs_materialised_kv(model: nn.Module) -> bool:
@@ -79,10 +81,3 @@ def materialise_single_kv(model: nn.Module) -> bool:
     arch.text_config(model)._attn_implementation = NAME
     log.debug("decoder attention: %s (one KV head; see stcompress.model.attention)", NAME)
     return True
-
-
-def restore_sdpa(config: Any) -> None:
-    """Undo NAME on a config about to be saved: what is written is plain sdpa."""
-    text = getattr(config, "text_config", None)
-    if text is not None and getattr(text, "_attn_implementation", None) == NAME:
-        text._attn_implementation = "sdpa"
