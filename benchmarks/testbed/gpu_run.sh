@@ -128,8 +128,9 @@ for L in $LANGS; do
   left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$left" -gt 30 ] || { echo "budget used up before $L; call again"; break; }
   echo "== $L: stcompress run recipes/testbed-$L.yaml (${left}s left)"
+  echo "== call at $(date -u +%FT%TZ), ${left}s" >> "$TB/runs/testbed-$L.log"   # every call's log kept, in order
   timeout --signal=INT --kill-after=20 "$left" python3 -m stcompress run "recipes/testbed-$L.yaml" \
-    > "$TB/runs/testbed-$L.log" 2>&1
+    >> "$TB/runs/testbed-$L.log" 2>&1
   rc=$?
   tail -n 25 "$TB/runs/testbed-$L.log"
   echo "== $L: exit $rc ($( [ $rc = 0 ] && echo complete || echo 'not finished: call again'))"
@@ -148,7 +149,7 @@ for L in $LANGS; do
     --dev.dataset "runs/testbed-data/$L/dev.jsonl" --test.dataset "runs/testbed-data/$L/test.jsonl" \
     --dev.subset all --test.subset all --dev.target-lang "$L" --test.target-lang "$L" \
     --generation.max-new-tokens 96 --generation.batch-size 150 --run-dir "$TB/runs/testbed-$L-sweep" \
-    > "$TB/runs/testbed-$L-sweep.log" 2>&1
+    >> "$TB/runs/testbed-$L-sweep.log" 2>&1
   echo "== $L sweep: exit $? ($(tail -n 1 "$TB/runs/testbed-$L-sweep.log"))"
 done
 
