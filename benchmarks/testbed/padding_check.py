@@ -1,19 +1,22 @@
-"""Left-padded batched prefill vs each row alone, on the testbed's decoder (Gemma 3 270M shape).
+"""Left-padded batched attention vs each row alone, on the testbed's decoder (Gemma 3 270M shape).
 
-zh-run1 (benchmarks/testbed/results/README.md) decoded whole batches to garbage on the GPU (every row
-but the unpadded one starting with the same wrong token) while the same model and clips decode
-correctly on a CPU. The broken batches had prompt widths 65, 97 and 129 (1 more than a multiple of
-32); the sound ones 84, 95, 98, 101, 104, 111, 124, 147. This checks the suspects with random
-weights (nothing to download or carry):
+zh-run1 (benchmarks/testbed/results/README.md) decoded whole batches to garbage on the GPU while
+the same model and clips decode correctly on a CPU. The broken batches had prompt widths 65, 97
+and 129 (1 more than a multiple of 32); the sound ones 84, 93, 95, 98, 101, 105, 112, 124, 147.
+This checks the suspects with random weights (nothing to download or carry):
 
-  sdpa   torch's scaled_dot_product_attention on the decoder's shapes (4 query heads, 1 KV head,
-         head_dim 256, fp32) with a left-padded causal boolean mask, against a float64 reference
-         on the rows' real positions;
-  model  Gemma3TextModel (the testbed config, random weights, fp32) called as the translation
-         engine calls it (inputs_embeds, 2-D mask, positions from the mask): each row's last hidden
-         state in the padded batch against the row alone, for sdpa and eager attention.
+  sdpa*   torch's scaled_dot_product_attention on the decoder's shapes (4 query heads, 1 KV head,
+          head_dim 256, fp32) with a left-padded causal boolean mask, against a float64 CPU
+          reference on the rows' real positions: K/V contiguous with enable_gqa, and K/V as
+          transformers passes them (repeat_kv of one KV head: a stride-0 view), q strided or not;
+  model_* Gemma3TextModel (the testbed config, random weights, fp32) called as the translation
+          engine calls it (inputs_embeds, 2-D mask, positions from the mask): each row's last
+          hidden state in the padded batch against the row alone, for sdpa, eager and
+          stcompress's sdpa_materialised_kv; also batches left-padded to a multiple of 8, and
+          Qwen2 decoders with 8 and 2 KV heads;
+  decode_* one decode step (query length 1) after the prefill, the same comparison.
 
-    PYTHONPATH=src python benchmarks/testbed/padding_check.py --out $OUT/padding_check.json      # GPU, ~3 min
+    PYTHONPATH=src python benchmarks/testbed/padding_check.py --out $OUT/padding_check.json --model-batch 32   # GPU, ~3 min
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from stcompress.model import attention
+from stcompress.model import arch, attention
 
 GEMMA_270M = dict(
     hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
@@ -44,47 +48,37 @@ def pads_for(batch: int, width: int, gen: torch.Generator) -> list[int]:
     return [0] + torch.randint(0, max(1, width // 3), (batch - 1,), generator=gen).tolist()
 
 
-def check_sdpa(widths: list[int], batch: int, device: str) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for w in widths:
-        pads = pads_for(batch, w, gen)
-        q = torch.randn(batch, 4, w, 256, generator=gen)
-        k = torch.randn(batch, 1, w, 256, generator=gen)
-        v = torch.randn(batch, 1, w, 256, generator=gen)
-        real = torch.arange(w)[None, :] >= torch.tensor(pads)[:, None]  # (B, W)
-        causal = torch.ones(w, w, dtype=torch.bool).tril()
-        mask = causal[None, None] & real[:, None, None, :]  # (B, 1, W, W)
-        ref = F.scaled_dot_product_attention(q.double(), k.double().expand(-1, 4, -1, -1), v.double().expand(-1, 4, -1, -1),
-                                             attn_mask=mask, scale=256**-0.5)
-        got = F.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device), attn_mask=mask.to(device),
-                                             scale=256**-0.5, enable_gqa=True).double().cpu()
-        rows = real[:, None, :, None].expand_as(ref)  # the real query positions of each row
-        err = (got - ref).abs().masked_fill(~rows, 0).amax(dim=(1, 2, 3))
-        out.append({"width": w, "max_err": float(err.max()), "rows_bad": int((err > 1e-3).sum()),
-                    "nan": bool(torch.isnan(got.masked_fill(~rows, 0)).any())})
-    return out
+def _left_padded(pads: list[int], width: int) -> torch.Tensor:
+    """(B, W) bool: True on each row's real positions."""
+    return torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]
 
 
-def check_sdpa_as_transformers(widths: list[int], batch: int, device: str, contiguous_q: bool) -> list[dict]:
-    """As transformers' sdpa_attention_forward calls it with a mask: q a transposed (B, W, H, D)
-    view, k / v repeated to the query heads (repeat_kv), no enable_gqa."""
+def check_sdpa(widths: list[int], batch: int, device: str, layout: str) -> list[dict]:
+    """layout "gqa": K/V contiguous with one head, enable_gqa; "transformers" / "transformers-contiguous-q":
+    as transformers' sdpa_attention_forward calls it with a mask (q a transposed (B, W, H, D) view
+    or made contiguous, K/V repeat_kv'd to the query heads: a stride-0 view)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for w in widths:
         pads = pads_for(batch, w, gen)
         q = torch.randn(batch, w, 4, 256, generator=gen).to(device).transpose(1, 2)
-        k = torch.randn(batch, w, 1, 256, generator=gen).to(device).transpose(1, 2)
-        v = torch.randn(batch, w, 1, 256, generator=gen).to(device).transpose(1, 2)
-        k4, v4 = (t[:, :, None].expand(batch, 1, 4, w, 256).reshape(batch, 4, w, 256) for t in (k, v))
-        q = q.contiguous() if contiguous_q else q
-        real = torch.arange(w)[None, :] >= torch.tensor(pads)[:, None]
-        mask = torch.ones(w, w, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
-        ref = F.scaled_dot_product_attention(q.double().cpu(), k4.double().cpu(), v4.double().cpu(), attn_mask=mask, scale=256**-0.5)
-        got = F.scaled_dot_product_attention(q, k4, v4, attn_mask=mask.to(device), scale=256**-0.5).double().cpu()
-        rows = real[:, None, :, None].expand_as(ref)
+        k, v = (torch.randn(batch, w, 1, 256, generator=gen).to(device).transpose(1, 2) for _ in range(2))
+        if layout == "gqa":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            extra = {"enable_gqa": True}
+        else:
+            k, v = (t[:, :, None].expand(batch, 1, 4, w, 256).reshape(batch, 4, w, 256) for t in (k, v))
+            q = q.contiguous() if layout == "transformers-contiguous-q" else q
+            extra = {}
+        real = _left_padded(pads, w)
+        mask = torch.ones(w, w, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]  # (B, 1, W, W)
+        ref = F.scaled_dot_product_attention(q.double().cpu(), k.double().cpu().expand(-1, 4, -1, -1),
+                                             v.double().cpu().expand(-1, 4, -1, -1), attn_mask=mask, scale=256**-0.5)
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(device), scale=256**-0.5, **extra).double().cpu()
+        rows = real[:, None, :, None].expand_as(ref)  # the real query positions of each row
         err = (got - ref).abs().masked_fill(~rows, 0).amax(dim=(1, 2, 3))
-        out.append({"width": w, "max_err": float(err.max()), "rows_bad": int((err > 1e-3).sum())})
+        out.append({"width": w, "max_err": float(err.max()), "rows_bad": int((err > 1e-3).sum()),
+                    "nan": bool(torch.isnan(got.masked_fill(~rows, 0)).any())})
     return out
 
 
@@ -106,60 +100,57 @@ def _model(family: str, impl: str, device: str) -> torch.nn.Module:
     return Qwen2Model(cfg).to(device).eval()
 
 
-def check_model(widths: list[int], batch: int, device: str, impl: str, family: str = "gemma3",
-                align: int = 1) -> list[dict]:
-    """`align`: left-pad every batch to a multiple of this width (the engine's fix)."""
-    model = _model(family, impl, device)
-    hidden = model.config.hidden_size
-    gen = torch.Generator().manual_seed(1)
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _against_rows_alone(widths: list[int], batch: int, device: str, model: torch.nn.Module, forward: Forward,
+                        pad_to: Callable[[int], int], seed: int, align: int = 1) -> list[dict]:
+    """forward(embeds, mask, positions) -> last hidden state per row, on the left-padded batch and
+    on each row alone; `pad_to(w)`: the width the padding is drawn for; `align`: left-pad every
+    batch to a multiple of this width."""
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for w in widths:
         extra = -w % align
-        pads = [p + extra for p in pads_for(batch, w, gen)]
-        w += extra
-        embeds = torch.randn(batch, w, hidden, generator=gen).to(device)
-        mask = (torch.arange(w)[None, :] >= torch.tensor(pads)[:, None]).long().to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pads = [p + extra for p in pads_for(batch, pad_to(w), gen)]
+        run = w + extra
+        embeds = torch.randn(batch, run, model.config.hidden_size, generator=gen).to(device)
+        mask = _left_padded(pads, run).long().to(device)
+        positions = arch.mask_positions(mask)
         with torch.no_grad():
-            last = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+            last = forward(embeds, mask, positions)
             errs = []
-            for i in range(batch):
-                p = pads[i]
-                alone = model(inputs_embeds=embeds[i : i + 1, p:], attention_mask=mask[i : i + 1, p:],
-                              position_ids=positions[i : i + 1, p:]).last_hidden_state[0, -1]
+            for i, p in enumerate(pads):
+                alone = forward(embeds[i : i + 1, p:], mask[i : i + 1, p:], positions[i : i + 1, p:])[0]
                 errs.append(float((last[i] - alone).abs().max() / alone.abs().max()))
         bad = [i for i, e in enumerate(errs) if not e < 1e-3]
-        out.append({"width": w - extra, "run_width": w, "max_rel_err": max(errs), "rows_bad": len(bad), "bad_rows_sample": bad[:8],
-                    "row0_rel_err": errs[0]})
+        out.append({"width": w, "run_width": run, "max_rel_err": max(errs), "rows_bad": len(bad),
+                    "bad_rows_sample": bad[:8], "row0_rel_err": errs[0]})
     return out
+
+
+def check_model(widths: list[int], batch: int, device: str, impl: str, family: str = "gemma3",
+                align: int = 1) -> list[dict]:
+    """Prefill: the batch's last hidden states against each row alone."""
+    model = _model(family, impl, device)
+
+    def prefill(e: torch.Tensor, m: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return model(inputs_embeds=e, attention_mask=m, position_ids=pos).last_hidden_state[:, -1]
+
+    return _against_rows_alone(widths, batch, device, model, prefill, pad_to=lambda w: w, seed=1, align=align)
 
 
 def check_decode(widths: list[int], batch: int, device: str, impl: str) -> list[dict]:
     """One decode step whose key length is `width` (prefill of width - 1, then one token), batched
     and left-padded against each row alone: does the fault reach decode steps (query length 1)?"""
     model = _model("gemma3", impl, device)
-    gen = torch.Generator().manual_seed(2)
-    out = []
-    for w in widths:
-        pads = pads_for(batch, w - 1, gen)
-        embeds = torch.randn(batch, w, 640, generator=gen).to(device)
-        mask = (torch.arange(w)[None, :] >= torch.tensor(pads)[:, None]).long().to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
-        def step(e: torch.Tensor, m: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            pre = model(inputs_embeds=e[:, :-1], attention_mask=m[:, :-1], position_ids=pos[:, :-1], use_cache=True)
-            return model(inputs_embeds=e[:, -1:], attention_mask=m, position_ids=pos[:, -1:],
-                         past_key_values=pre.past_key_values, use_cache=True).last_hidden_state[:, -1]
+    def step(e: torch.Tensor, m: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        pre = model(inputs_embeds=e[:, :-1], attention_mask=m[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+        return model(inputs_embeds=e[:, -1:], attention_mask=m, position_ids=pos[:, -1:],
+                     past_key_values=pre.past_key_values, use_cache=True).last_hidden_state[:, -1]
 
-        with torch.no_grad():
-            last = step(embeds, mask, positions)
-            errs = []
-            for i in range(batch):
-                p = pads[i]
-                alone = step(embeds[i : i + 1, p:], mask[i : i + 1, p:], positions[i : i + 1, p:])[0]
-                errs.append(float((last[i] - alone).abs().max() / alone.abs().max()))
-        out.append({"width": w, "max_rel_err": max(errs), "rows_bad": sum(not e < 1e-3 for e in errs)})
-    return out
+    return _against_rows_alone(widths, batch, device, model, step, pad_to=lambda w: w - 1, seed=2)
 
 
 def main() -> None:
@@ -174,14 +165,13 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__,
-        "sdpa": check_sdpa(widths, args.batch, args.device),
+        "sdpa": check_sdpa(widths, args.batch, args.device, "gqa"),
     }
     import transformers
 
     report["transformers"] = transformers.__version__
-    for contiguous in (False, True):
-        report[f"sdpa_as_transformers_{'contiguous_q' if contiguous else 'strided_q'}"] = check_sdpa_as_transformers(
-            widths, args.batch, args.device, contiguous)
+    report["sdpa_as_transformers_strided_q"] = check_sdpa(widths, args.batch, args.device, "transformers")
+    report["sdpa_as_transformers_contiguous_q"] = check_sdpa(widths, args.batch, args.device, "transformers-contiguous-q")
     for impl in ("sdpa", "eager", attention.NAME):
         report[f"model_{impl}"] = check_model(widths, args.model_batch, args.device, impl)
     for impl in ("sdpa", attention.NAME):
