@@ -10,7 +10,7 @@ import pytest
 
 from stcompress import cli
 from stcompress.artifacts import read_manifest
-from stcompress.config import DataConfig, GenerationConfig, SweepConfig, load_config
+from stcompress.config import DataConfig, GenerationConfig, SweepConfig, VocabConfig, load_config
 from stcompress.errors import ConfigError, StcompressError
 from stcompress.stages import report, sweep
 
@@ -107,6 +107,26 @@ def test_trimmed_candidates_export_with_a_trimmed_vocabulary(tmp_path, tiny_mode
     parsed = runner.parse_recipe(tmp_path / "sweep.yaml", data)
     trimmed = [s.config.trim_vocab for s in parsed.steps if s.name in exports]
     assert sorted(trimmed) == sorted(n.endswith("-trim") for n in exports)
+    assert not any("vocab" in c for c in exports.values())  # unset: each input's upstream training data
+
+
+def test_sweep_vocab_options_reach_the_trimmed_exports_only(tmp_path, tiny_model_dir):
+    """--vocab.* (one set of kept texts for every input) goes into the trimmed candidates' export
+    configs and nowhere else; given without a trimmed candidate it is refused before anything runs."""
+    from stcompress.stages import run as runner
+
+    vocab = VocabConfig(references=("builtin:demo-train",), keep_first=300)
+    cfg = _sweep_cfg(tmp_path, tiny_model_dir, trim=(False, True), vocab=vocab)
+    data = sweep.recipe(cfg, sweep.grid(cfg, *sweep._layers(cfg)))
+    exports = {st["name"]: st["config"] for st in data["stages"] if st["stage"] == "export"}
+    assert {n: c.get("vocab") for n, c in exports.items() if n.endswith("-trim")} == {
+        n: {"datasets": [], "distilled": [], "references": ["builtin:demo-train"], "keep_first": 300}
+        for n in exports if n.endswith("-trim")}
+    assert all("vocab" not in c for n, c in exports.items() if not n.endswith("-trim"))
+    parsed = runner.parse_recipe(tmp_path / "sweep.yaml", data)
+    assert {s.config.vocab for s in parsed.steps if s.name in exports and s.name.endswith("-trim")} == {vocab}
+    with pytest.raises(ConfigError, match="vocab: applies to trimmed candidates only"):
+        sweep.run(_sweep_cfg(tmp_path, tiny_model_dir, vocab=vocab))
 
 
 def test_sweep_2x2_end_to_end_resumes_and_binds_content(tmp_path, tiny_model_dir, capsys):

@@ -13,7 +13,10 @@
 #   runs/carry/testbed-data-zh.tar               speech + manifests, English -> Chinese
 #   runs/carry/seed-NAME.tar[.partNN]            an earlier stretch's results folder (step 4a; + .sha256)
 # Env: TB_BUDGET seconds of recipe time this call (default 500), TB_LANGS (default "de zh"),
-#   TB_SEED_<lang> (step 4b: finished stages from a committed results folder, merged weights rebuilt).
+#   TB_SEED_<lang> (step 4b: finished stages from a committed results folder, merged weights rebuilt),
+#   TB_RECIPE=0 (skip step 5, the recipes), TB_FRONTIER_<lang>=DIR (step 5b sweeps the teacher and the
+#   healed students rebuilt from the results folder DIR, not a run directory), TB_PRECISIONS and
+#   TB_TRIM (step 5b's grid; default bf16,int8,nf4 and false,true).
 set -uo pipefail
 TB=/tmp/tb
 BUDGET=${TB_BUDGET:-500}
@@ -94,6 +97,7 @@ missing=""
 python3 -c "import gguf, soundfile" 2>/dev/null || missing="$missing wheels(.whl)"
 for L in $LANGS; do [ -f "runs/testbed-data/$L/checks.json" ] || missing="$missing data-$L"; done
 for L in $LANGS; do v="TB_SEED_$L"; d=(${!v:-}); [ ${#d[@]} -lt 2 ] || [ -d "${d[0]}" ] || missing="$missing seed-$L(${d[0]})"; done
+for L in $LANGS; do v="TB_FRONTIER_$L"; [ -z "${!v:-}" ] || [ -d "${!v}" ] || missing="$missing frontier-$L(${!v})"; done
 if [ -n "$missing" ]; then echo "waiting for:$missing"; exit 0; fi
 
 # 4b. seeds: finished stages of an earlier stretch, from its collected artifacts (`python -m
@@ -114,6 +118,7 @@ done
 
 # 5a. the sanity bar (once per language): the base LM translating the transcripts, 5-shot
 for L in $LANGS; do
+  [ "${TB_RECIPE:-1}" = 0 ] && break
   if [ ! -f "$TB/runs/text-bar-$L.json" ]; then
     python3 benchmarks/testbed/text_bar.py --model runs/testbed/base --data "runs/testbed-data/$L" --shots 5 \
       --batch-size 150 --out "$TB/runs/text-bar-$L.json" 2>&1 | tail -n 1
@@ -124,6 +129,7 @@ done
 # 5. the recipes, resumable: finished stages are skipped; a stage cut by the budget restarts next call
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 for L in $LANGS; do
+  [ "${TB_RECIPE:-1}" = 0 ] && break
   ln -sfn "$TB/runs/testbed-$L" "runs/testbed-$L"; mkdir -p "$TB/runs/testbed-$L"
   left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$left" -gt 30 ] || { echo "budget used up before $L; call again"; break; }
@@ -138,14 +144,30 @@ done
 
 # 5b. the quality-vs-bytes frontier (issue 12): the teacher and the healed students x bf16 / int8 / nf4
 #     x trimmed or full vocabulary, each on dev and test (`stcompress sweep --inputs`; resumable)
+#     TB_FRONTIER_<lang>=DIR: the three models rebuilt from a results folder (`testbed rebuild`, once),
+#     every trimmed candidate keeping the tokens of the training references (one vocabulary for all)
 for L in $LANGS; do
   d="$TB/runs/testbed-$L"
-  [ -f "$d/export50/manifest.json" ] || continue
+  inputs="teacher=$d/teacher-merged,h25=$d/export25,h50=$d/export50"
+  vocab=()
+  v="TB_FRONTIER_$L"
+  if [ -n "${!v:-}" ]; then
+    d="$TB/frontier-$L"
+    mkdir -p "$d"
+    for pair in teacher:teacher h25:final25 h50:final50; do
+      [ -f "$d/${pair%%:*}/config.json" ] || python3 -m stcompress.testbed rebuild --base runs/testbed/base \
+        --artifacts "${!v}" --system "${pair#*:}" --out "$d/${pair%%:*}" --device cuda 2>&1 | tail -n 1
+    done
+    inputs="teacher=$d/teacher,h25=$d/h25,h50=$d/h50"
+    vocab=(--vocab.references "runs/testbed-data/$L/train.jsonl")
+    d="$d/h50"
+  fi
+  [ -f "$d/export50/manifest.json" ] || [ -f "$d/config.json" ] || continue
   left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$left" -gt 60 ] || { echo "budget used up before the $L sweep; call again"; break; }
   echo "== $L: sweep (${left}s left)"
   timeout --signal=INT --kill-after=20 "$left" python3 -m stcompress sweep \
-    --inputs "teacher=$d/teacher-merged,h25=$d/export25,h50=$d/export50" --precisions bf16,int8,nf4 --trim false,true \
+    --inputs "$inputs" --precisions "${TB_PRECISIONS:-bf16,int8,nf4}" --trim "${TB_TRIM:-false,true}" "${vocab[@]}" \
     --dev.dataset "runs/testbed-data/$L/dev.jsonl" --test.dataset "runs/testbed-data/$L/test.jsonl" \
     --dev.subset all --test.subset all --dev.target-lang "$L" --test.target-lang "$L" \
     --generation.max-new-tokens 96 --generation.batch-size 150 --run-dir "$TB/runs/testbed-$L-sweep" \
@@ -158,8 +180,8 @@ done
 #    (with the projector weights they train), the log; never model weights or audio
 for L in $LANGS; do
   d="$TB/runs/testbed-$L"
-  [ -d "$d" ] || continue
-  python3 benchmarks/testbed/collect_artifacts.py "$d" --out "$OUT" --name "testbed-$L" --extra "$TB/runs/testbed-$L.log"
+  [ -d "$d" ] && [ "${TB_RECIPE:-1}" != 0 ] && \
+    python3 benchmarks/testbed/collect_artifacts.py "$d" --out "$OUT" --name "testbed-$L" --extra "$TB/runs/testbed-$L.log"
   s="$TB/runs/testbed-$L-sweep"
   [ -d "$s" ] && python3 benchmarks/testbed/collect_artifacts.py "$s" --out "$OUT" --name "testbed-$L-sweep" \
     --extra "$TB/runs/testbed-$L-sweep.log"

@@ -876,6 +876,9 @@ class SweepConfig:
     # optionally :COMPONENT=BITS,... (e.g. hqq3:lm_head=8); the LM head stays bf16 unless named
     precisions: tuple[str, ...] = ("bf16", "int8", "nf4")
     trim: tuple[bool, ...] = (False,)  # vocabulary trimmed (true), not (false), or both (false,true); true needs export's trim_vocab
+    # The texts the trimmed candidates keep the tokens of (export's vocab.*); empty: each input's
+    # training data recorded upstream. One set for every input makes their trimmed vocabularies equal.
+    vocab: VocabConfig = field(default_factory=VocabConfig)
     metrics: tuple[str, ...] = ("chrf", "chrf++")  # evaluate's metrics (COMET: set comet.model)
     comet: CometConfig = field(default_factory=CometConfig)  # a COMET checkpoint scores every candidate; None: off
     dev: DataConfig = field(default_factory=lambda: DataConfig(subset="dev", dev_size=100))  # the dev split each candidate is scored on (and its reload check)
@@ -911,6 +914,9 @@ class SweepConfig:
         if self.dev.target_lang != self.test.target_lang:
             out.append("dev.target_lang / test.target_lang: one language per sweep")
         out += precision_problems(self.precisions, self.group_size)
+        if True not in self.trim and (self.vocab.datasets or self.vocab.distilled or self.vocab.references
+                                      or self.vocab.keep_first):
+            out.append("vocab: applies to trimmed candidates only; add --trim false,true (or true) or drop the vocab options")
         return out
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from stcompress import budget, quantize
 from stcompress.artifacts import atomic_write_json, atomic_write_text, content_identity, path_identity
-from stcompress.config import ExportConfig, RunConfig, SweepConfig, to_dict
+from stcompress.config import ExportConfig, RunConfig, SweepConfig, VocabConfig, to_dict
 from stcompress.errors import ConfigError, StcompressError
 from stcompress.model import arch
 from stcompress.outputs import claim
@@ -158,6 +158,8 @@ def _export_config(cfg: SweepConfig, p: Point) -> dict[str, Any]:
         out |= {"importance": cfg.importance, "num_layers": p.num_layers}
     if p.trim:
         out["trim_vocab"] = True  # export's vocabulary-trimming option
+        if cfg.vocab != VocabConfig():  # left out when unset: earlier sweeps' candidates keep their config hashes
+            out["vocab"] = to_dict(cfg.vocab)
     return out
 
 
