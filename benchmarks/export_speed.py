@@ -392,6 +392,9 @@ def main() -> None:
     points = [x.strip() for x in (args.points or (QUICK_POINTS if quick else POINTS)).split(",") if x.strip()]
     for name in points:
         point_config(name, args, Path("."), {"middle_first": Path("."), "paper_de": Path(".")}, Path("."))  # names checked
+    if any(n.startswith("budget:") for n in points) and not (KD_TEXTS / "manifest.json").is_file():
+        sys.exit(f"export_speed: the budget points keep the vocabulary of {KD_TEXTS} (a distill output), which is not "
+                 "here; a tree slimmed with scripts/slim_tree.sh out must carry that folder, or run --points nf4-24,bf16-32")
     if importlib.util.find_spec("bitsandbytes") is None and any(n != "bf16-32" for n in points):
         sys.exit("export_speed: the budget and nf4 points need bitsandbytes (without it the picker would choose among "
                  "bf16 configurations only); install its wheel, or run --points bf16-32")

@@ -167,6 +167,32 @@ def test_pack_builds_a_qwen2audio_gemma_that_saves_reloads_and_generates(tiny_pa
     assert gen.shape[1] == ids.shape[1] + 4 or int(gen[0, -1]) in model.generation_config.eos_token_id
 
 
+def test_testbed_model_decodes_the_same_in_the_other_transformers_family(tiny_pack, tmp_path, speech_like):
+    """The testbed's tokenizer is a bare tokenizer.json, which transformers 5.x saves as
+    `TokenizersBackend`, a class 4.57 does not have: every testbed model saved under 5.x failed to
+    load under 4.57 (a rebuilt teacher could not be quantized to HQQ). Saved here, it must load and
+    decode identically under the other family (scripts/test.sh runs both directions)."""
+    from test_portability import _decode_elsewhere, other_python
+
+    from stcompress.config import GenerationConfig, ModelConfig
+    from stcompress.data.example import Example
+    from stcompress.model.load import load_model
+    from stcompress.testbed.model import materialise
+    from stcompress.translate import Translator
+
+    python = other_python()
+    out = materialise(tiny_pack[0], tmp_path / "base")
+    audio = []
+    for i, seconds in enumerate((1.0, 2.5)):
+        audio.append(tmp_path / f"clip{i}.npy")
+        np.save(audio[-1], speech_like(seconds, seed=20 + i))
+    m = load_model(ModelConfig(path=str(out), device="cpu", dtype="float32"))
+    gen = GenerationConfig(max_new_tokens=10, batch_size=4)
+    examples = [Example(id=str(i), audio=np.load(p), target_lang="de") for i, p in enumerate(audio)]
+    here = [[h.text, h.n_tokens] for h in Translator(m.model, m.processor, generation=gen, progress=False).translate(examples)]
+    assert _decode_elsewhere(python, [out], audio)[str(out)] == here
+
+
 def test_materialise_never_overwrites(tiny_pack, tmp_path):
     from stcompress.errors import ModelError
     from stcompress.testbed.model import materialise

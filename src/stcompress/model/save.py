@@ -29,16 +29,25 @@ def make_processor_files_portable(directory: Path, processor: Any) -> None:
     5.x folds the feature extractor into processor_config.json, which 4.5x's AutoProcessor does
     not read, and stores the extra special tokens as a list under `extra_special_tokens`, a key
     4.5x expects to be a dict. Writing preprocessor_config.json and the list under its 4.5x name
-    (`additional_special_tokens`, which 5.x still accepts) fixes both.
+    (`additional_special_tokens`, which 5.x still accepts) fixes both. A tokenizer that is only a
+    tokenizer.json (the testbed's Gemma vocabulary) is saved by 5.x as `TokenizersBackend`, a
+    class 4.5x does not have; both families load `PreTrainedTokenizerFast` from the same file
+    (5.x as its TokenizersBackend), so that name is written instead.
     """
     directory = Path(directory)
     if not (directory / "preprocessor_config.json").is_file():
         processor.feature_extractor.to_json_file(str(directory / "preprocessor_config.json"))
     path = directory / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        changed = True
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        changed = True
+    if changed:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
