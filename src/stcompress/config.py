@@ -914,8 +914,7 @@ class SweepConfig:
         if self.dev.target_lang != self.test.target_lang:
             out.append("dev.target_lang / test.target_lang: one language per sweep")
         out += precision_problems(self.precisions, self.group_size)
-        if True not in self.trim and (self.vocab.datasets or self.vocab.distilled or self.vocab.references
-                                      or self.vocab.keep_first):
+        if True not in self.trim and self.vocab != VocabConfig():
             out.append("vocab: applies to trimmed candidates only; add --trim false,true (or true) or drop the vocab options")
         return out
 
