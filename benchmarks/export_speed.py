@@ -16,6 +16,8 @@ output is reloaded with plain `from_pretrained` and decoded, then deleted (disk)
   benchmarks/testbed/results/de-run1/distill, in the repository, so offline on the GPU) plus the
   prompt: 4,008 rows in results/budget_picks_7b.md; the JSON records the rows kept. The picks
   depend on that row count (other texts keep other rows and may pick other layer counts).
+- `int8-32` (on request, not in the default list): `export --quantize int8`, all 32 layers,
+  LM head + embeddings bf16, full vocabulary (bitsandbytes LLM.int8).
 - references: `bf16-32` (`export`, all 32 layers, full vocabulary) and `nf4-24` (the paper's
   Model B: `export --quantize nf4 --importance IMP_PAPER --num-layers 8`, LM head kept bf16,
   full vocabulary).
@@ -101,7 +103,7 @@ POINTS = "budget:4GB,budget:2GB,budget:1GB,nf4-24,bf16-32"
 QUICK_POINTS = "budget:3.5MB,budget:3MB,budget:2.5MB,nf4-24,bf16-32"  # the tiny model's scale (fp32): nf4 picks, fewer layers each
 QUICK_MARGIN = 0.25
 BUDGET_FORMATS = ("none", "int8", "nf4")  # what transformers 5 writes (the GPU's default); hqq needs 4.57
-ESTIMATE_S = {"budget:4GB": 95, "budget:2GB": 80, "budget:1GB": 70, "nf4-24": 90, "bf16-32": 95}
+ESTIMATE_S = {"budget:4GB": 95, "budget:2GB": 80, "budget:1GB": 70, "nf4-24": 90, "bf16-32": 95, "int8-32": 110}
 
 
 def sync(device: str) -> None:
@@ -216,7 +218,9 @@ def point_config(name: str, args: argparse.Namespace, inp: Path, imp: dict[str, 
         return ExportConfig(**common, quantize="nf4", importance=str(imp["paper_de"]), num_layers=8)
     if name == "bf16-32":
         return ExportConfig(**common)
-    raise SystemExit(f"--points: unknown point {name!r}; use budget:SIZE (e.g. budget:4GB), nf4-24 or bf16-32")
+    if name == "int8-32":
+        return ExportConfig(**common, quantize="int8")
+    raise SystemExit(f"--points: unknown point {name!r}; use budget:SIZE (e.g. budget:4GB), nf4-24, int8-32 or bf16-32")
 
 
 def predicted(cfg: ExportConfig, manifest: dict, input_config: Any) -> dict[str, int]:

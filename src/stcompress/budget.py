@@ -8,6 +8,8 @@ all; only the input's own layers without one) x format (none, int8, nf4, hqq: th
 environment writes, or `budget_formats`) x bits of the decoder layers, LM head, audio tower and
 projector (each a width the format stores, or 16 = kept in the export dtype; bitsandbytes always
 quantizes the decoder; hqq's 1-bit is left out, and widths below `budget_min_bits`) x vocabulary (not trimmed, or a trimmed size).
+int8 configurations that would fail on CUDA are left out (quantize.INT8_OUT_MULTIPLE: an int8 LM
+head whose rows are not a multiple of 4, e.g. an untrimmed vocabulary of 35,935 rows).
 Options the user set are fixed: `quantize` other than none (the format), `bits` (those
 components), `num_layers` (the layers). Sizes come from `stcompress.sizes.predict`, exact for the
 tensors; a candidate fits when its predicted bytes plus MARGIN (headers, torch.save's zip records)
@@ -35,7 +37,7 @@ from packaging.version import Version
 
 from stcompress import sizes
 from stcompress.model import arch
-from stcompress.quantize import KEEP, check_library
+from stcompress.quantize import KEEP, check_library, int8_misfits
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -149,6 +151,16 @@ class SizeTable:
         self.config, self.dtype, self.group_size, self._predict = config, dtype, group_size, predict
         self.layers = arch.text_config(config).num_hidden_layers
         self._memo: dict[tuple, dict[str, int]] = {}
+        self._shapes: dict[int | None, list[tuple[str, str, int, int]]] = {}
+
+    def runs(self, fmt: str, bits: Mapping[str, int], vocab: int | None) -> bool:
+        """Whether the configuration runs on CUDA: no int8 layer bitsandbytes cannot multiply
+        (quantize.INT8_OUT_MULTIPLE: an untrimmed LM head of an unaligned vocabulary)."""
+        if fmt != "int8":
+            return True
+        if vocab not in self._shapes:
+            self._shapes[vocab] = arch.linear_shapes(arch.meta_model(self.config, vocab))
+        return not int8_misfits(self._shapes[vocab], bits)
 
     def _at(self, fmt: str, bits: int, dtype: str, vocab: int | None) -> dict[str, int]:
         key = ("none" if bits == KEEP else fmt, bits, dtype, vocab)
@@ -185,6 +197,8 @@ def candidates(table: SizeTable, formats: Sequence[str], fixed_bits: Mapping[str
             full = tuple((c, bits.get(c, KEEP)) for c in ("audio_tower", "projector", "decoder_layers", "lm_head",
                                                           "embed_tokens"))
             for (k, removed), vocab in product(layers, vocabs):
+                if not table.runs(fmt, bits, vocab):
+                    continue
                 kept = present - len(removed)
                 yield Candidate(fmt, full, k, kept, vocab, table.total(fmt, bits, kept, vocab),
                                 table.total(fmt, bits, kept, vocab, reload_dtype(fmt, table.dtype)))

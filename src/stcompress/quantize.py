@@ -105,6 +105,39 @@ def bits_problems(fmt: str, bits: str, keep_unquantized: tuple[str, ...], group:
     return out
 
 
+# bitsandbytes' CUDA int8 matmul (cuBLASLt) fails ("cublasLt ran into an error!", status 15) on a
+# layer whose output features are not a multiple of 4 once a call has 64-96 rows or more (a batch
+# of 150 translations; sooner for larger layers): bitsandbytes 0.50.2 falls back to fp32 for an
+# unaligned *inner* dimension only. Measured on an H200: benchmarks/results/bnb_int8_shapes_h200.md.
+# Such an export reloads and passes a 2-clip check, then fails at serving batch sizes: refused.
+INT8_OUT_MULTIPLE = 4
+_INT8_FIX = {"lm_head": "trim the vocabulary (--trim-vocab keeps a multiple of 8 rows) or keep the LM head: --bits lm_head=16",
+             "decoder_layers": "use quantize nf4 or hqq (bitsandbytes int8 always quantizes the decoder)"}
+
+
+def int8_misfits(shapes: list[tuple[str, str, int, int]], chosen: Mapping[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """Per component stored in int8: its linear layers (name, out_features) that bitsandbytes'
+    CUDA int8 matmul cannot run at batch sizes of 64-96 and more (`shapes`: arch.linear_shapes)."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for name, component, out_f, _ in shapes:
+        if chosen.get(component, KEEP) == 8 and out_f % INT8_OUT_MULTIPLE:
+            out.setdefault(component, []).append((name, out_f))
+    return out
+
+
+def int8_problems(fmt: str, chosen: Mapping[str, int], model_config: Any, *, vocab_size: int | None = None) -> list[str]:
+    """Why an int8 export of this model (config alone, no weights) would fail on CUDA; [] if it runs.
+    `vocab_size`: the LM head rows after trimming (None: the config's)."""
+    if fmt != "int8":
+        return []
+    misfits = int8_misfits(arch.linear_shapes(arch.meta_model(model_config, vocab_size)), chosen)
+    return [f"quantize int8 with {c}=8: {len(layers)} of its linear layers have output features that are not a multiple "
+            f"of {INT8_OUT_MULTIPLE} (e.g. {layers[0][0]}: {layers[0][1]:,}); bitsandbytes' CUDA int8 matmul fails on "
+            "them once a batch has 64-96 rows ('cublasLt ran into an error', benchmarks/results/bnb_int8_shapes_h200.md); "
+            f"{_INT8_FIX.get(c, f'keep it: --bits {c}=16')}"
+            for c, layers in misfits.items()]
+
+
 def check_library(fmt: str) -> None:
     """The format's library is installed and this transformers can reload what it writes."""
     if fmt == "none":

@@ -11,13 +11,11 @@ are not predicted.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-import transformers
 
 from stcompress.model import arch
 from stcompress.quantize import KEEP, group_size as format_group_size
@@ -51,11 +49,7 @@ def predict(config: Any, fmt: str, chosen: Mapping[str, int], dtype: str, group_
     kept count); None: the config's own. A tied head is counted once, as safetensors stores it.
     """
     group_size = format_group_size(fmt, group_size)
-    if vocab_size is not None:
-        config = copy.deepcopy(config)
-        arch.text_config(config).vocab_size = vocab_size
-    with torch.device("meta"):
-        model = transformers.Qwen2AudioForConditionalGeneration._from_config(config)
+    model = arch.meta_model(config, vocab_size)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     sizes = dict.fromkeys(arch.COMPONENTS, 0)
     for name, param in model.named_parameters():

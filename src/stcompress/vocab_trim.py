@@ -7,6 +7,8 @@ targets and raw teacher outputs) and the prompt with, plus a safety set (every a
 audio, eos/pad; the 256 byte tokens, so any text still encodes losslessly; digits and
 punctuation), closed under the BPE merges (stcompress.model.vocab), so every kept text encodes
 exactly as with the full vocabulary: checked on all of them, through the processor that is saved.
+The rows are then padded to a multiple of 8 with the lowest-id tokens left out (at most 7 rows):
+an int8 LM head with a row count that is not a multiple of 4 fails in bitsandbytes' CUDA matmul.
 
 The embedding and LM head keep those rows only (arch.slice_vocab), so the trimmed model cannot emit
 another id. Its LM head scores every kept token exactly as before: greedy decoding equals the full
@@ -34,6 +36,10 @@ from stcompress.model import arch, vocab
 
 log = logging.getLogger(__name__)
 
+# The kept rows are padded to a multiple of 8 with the lowest-id tokens not kept (with their merge
+# steps): bitsandbytes' CUDA int8 matmul fails on an LM head whose rows are not a multiple of 4
+# (quantize.INT8_OUT_MULTIPLE, measured), and GPU matmuls prefer multiples of 8.
+ROW_MULTIPLE = 8
 _SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 
 
@@ -111,7 +117,8 @@ def _data_identity(data: DataConfig) -> dict[str, Any]:
 def plan(tokenizer: Any, texts: list[str], *, keep_first: int = 0, extra_ids: tuple[int, ...] = ()
          ) -> tuple[dict[str, Any], list[int]]:
     """(trimmed tokenizer.json, old id of every new id) for a transformers fast tokenizer; no model
-    needed, so a size predictor can ask `len(old_ids)` (the trimmed vocab_size) cheaply."""
+    needed, so a size predictor can ask `len(old_ids)` (the trimmed vocab_size) cheaply. The rows
+    are a multiple of ROW_MULTIPLE (unless the vocabulary has too few tokens left to pad with)."""
     big = getattr(tokenizer, "backend_tokenizer", None)
     if big is None:
         raise ModelError(f"trim_vocab: the processor's tokenizer ({type(tokenizer).__name__}) has no tokenizer.json "
@@ -121,6 +128,9 @@ def plan(tokenizer: Any, texts: list[str], *, keep_first: int = 0, extra_ids: tu
         big = vocab.backend(full)
     keep = vocab.kept_tokens(full, texts, keep_first=keep_first, full_backend=big)
     trimmed, old_ids = vocab.slice_tokenizer_json(full, keep, extra_ids=extra_ids)
+    if len(old_ids) % ROW_MULTIPLE:
+        keep = vocab.pad_to_multiple(full, keep, set(old_ids), ROW_MULTIPLE)
+        trimmed, old_ids = vocab.slice_tokenizer_json(full, keep, extra_ids=extra_ids)
     bad = vocab.inexact(full, trimmed, old_ids, texts, full_backend=big)
     if bad:  # closure makes this unreachable; a tokenizer with unusual merges would land here
         raise ModelError(f"trim_vocab: the trimmed vocabulary encodes {len(bad)} kept texts differently, e.g. {bad[0]!r}; "
@@ -203,6 +213,7 @@ def trim_model(loaded: Any, texts: list[str], *, keep_first: int = 0) -> dict[st
         "texts": len(texts), "texts_encoded_exactly": len(texts),
         "parameters": {"before": parameters, "after": count_parameters(model)},
         "safety": "every added token (chat, audio, eos/pad), the 256 byte tokens, digits and punctuation",
+        "row_multiple": ROW_MULTIPLE,
     }
     log.info("trimmed the vocabulary to %d of %d rows (%d texts encode exactly as before)", len(old_ids), rows, len(texts))
     return record

@@ -251,6 +251,26 @@ _SKIP_PATTERNS = {
 }
 
 
+def meta_model(config: Any, vocab_size: int | None = None) -> nn.Module:
+    """Qwen2-Audio built from `config` on the meta device (shapes only: the 7B costs nothing);
+    `vocab_size`: the embedding and LM head rows instead of the config's (a trimmed vocabulary)."""
+    import copy
+
+    import transformers
+
+    if vocab_size is not None:
+        config = copy.deepcopy(config)
+        text_config(config).vocab_size = vocab_size
+    with torch.device("meta"):
+        return transformers.Qwen2AudioForConditionalGeneration._from_config(config)
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[str, str, int, int]]:
+    """(name, component, out_features, in_features) of every nn.Linear."""
+    return [(name, component_of(name + ".weight"), m.out_features, m.in_features)
+            for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
 def component_of(param_name: str) -> str:
     """Which part of Qwen2-Audio a parameter (or 4-bit quant-state tensor) belongs to.
 

@@ -121,6 +121,32 @@ def kept_tokens(full: dict[str, Any], texts: Iterable[str], *, keep_first: int =
     return base | used | closure(used - base, merge_pairs(model), vocab)
 
 
+def pad_to_multiple(full: dict[str, Any], keep: set[str], ids: set[int], multiple: int) -> set[str]:
+    """`keep` plus the fewest lowest-id tokens that make the row count (`ids`: every id the slice
+    keeps, added tokens and extra ids included) a multiple of `multiple`, each with the tokens its
+    own merging makes (so the set stays closed: kept texts still encode exactly). Tokens the merges
+    alone cannot make are skipped. Returns `keep` itself when it cannot be padded (too few left)."""
+    model = bpe_model(full)
+    table: dict[str, int] = model["vocab"]
+    need = (-len(ids)) % multiple
+    if not need:
+        return keep
+    ranks = {pair: r for r, pair in enumerate(merge_pairs(model))}
+    out, taken = set(keep), set(ids)
+    for token, i in sorted(table.items(), key=lambda kv: kv[1]):
+        if token in out or i in taken:
+            continue
+        made = set(bpe_steps(token, ranks, table))
+        new = {table[t] for t in made} - taken
+        if token in made and len(new) <= need:
+            out |= made
+            taken |= new
+            need -= len(new)
+            if not need:
+                return out
+    return keep
+
+
 def slice_tokenizer_json(full: dict[str, Any], keep: set[str], *, rename: Callable[[str], str] | None = None,
                          extra_ids: Iterable[int] = (), all_added: bool = True) -> tuple[dict[str, Any], list[int]]:
     """(tokenizer.json of `keep` + `extra_ids` + every added token (`all_added`; else only the

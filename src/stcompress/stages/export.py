@@ -581,12 +581,16 @@ def run(cfg: ExportConfig, *, progress: bool = True) -> Path:
     origin = lineage(source)
     kept = vocab_trim.kept_texts(cfg.vocab, origin.get("finetunes", []), cfg.data) if cfg.trim_vocab else None
     rows = None
-    if kept and cfg.size_budget:  # the picker sizes every candidate with the vocabulary the trim will keep
-        processor = transformers.AutoProcessor.from_pretrained(source.model_path)  # no weights yet
+    if kept and (cfg.size_budget or cfg.quantize == "int8"):  # the picker sizes every candidate with the
+        processor = transformers.AutoProcessor.from_pretrained(source.model_path)  # trimmed vocabulary; no weights yet
         rows = vocab_trim.predicted_rows(source.model_path, [*kept.texts, _prompt(source, cfg, processor)],
                                          keep_first=cfg.vocab.keep_first)
-    cfg, plan = budget.plan_export(cfg, transformers.AutoConfig.from_pretrained(source.model_path), origin, rows)
+    model_config = transformers.AutoConfig.from_pretrained(source.model_path)
+    cfg, plan = budget.plan_export(cfg, model_config, origin, rows)
     check_bitsandbytes(cfg)  # the picked format's library
+    chosen = quantize.component_bits(cfg.quantize, cfg.bits, cfg.keep_unquantized)
+    if problems := quantize.int8_problems(cfg.quantize, chosen, model_config, vocab_size=rows):
+        raise ConfigError(problems)  # a model that would fail at serving batch sizes on CUDA: refused before loading
     loaded = load_model(ModelConfig(path=source.model_path, dtype=cfg.dtype, device=cfg.device))
     if source.adapter is not None:
         merge_adapter(loaded, source.adapter)

@@ -24,7 +24,7 @@ from typing import Any
 import transformers
 import yaml
 
-from stcompress import budget, quantize
+from stcompress import budget, quantize, vocab_trim
 from stcompress.artifacts import atomic_write_json, atomic_write_text, content_identity, path_identity
 from stcompress.config import ExportConfig, RunConfig, SweepConfig, VocabConfig, to_dict
 from stcompress.errors import ConfigError, StcompressError
@@ -209,6 +209,28 @@ def _layers(cfg: SweepConfig) -> tuple[int, list[int], list[int]]:
     return layers_now, order, present
 
 
+def int8_problems(cfg: SweepConfig, points: list[Point]) -> list[str]:
+    """The int8 candidates whose export would be refused (quantize.int8_problems: a layer bitsandbytes'
+    CUDA int8 matmul cannot run), all named at once before anything is exported."""
+    from stcompress.stages.export import resolve_source
+
+    out: list[str] = []
+    configs: dict[str, Any] = {}
+    for p in points:
+        if p.quantize != "int8":
+            continue
+        if p.path not in configs:
+            source = resolve_source(ExportConfig(input=p.path, base_model=cfg.base_model if p.source is None else None))
+            configs[p.path] = transformers.AutoConfig.from_pretrained(source.model_path)
+        config = configs[p.path]
+        rows = arch.text_config(config).vocab_size
+        if p.trim:  # the trimmed rows are a multiple of vocab_trim.ROW_MULTIPLE
+            rows = -(-rows // vocab_trim.ROW_MULTIPLE) * vocab_trim.ROW_MULTIPLE
+        chosen = quantize.component_bits("int8", p.bits, ExportConfig().keep_unquantized)
+        out += [f"candidate {p.name}: {problem}" for problem in quantize.int8_problems("int8", chosen, config, vocab_size=rows)]
+    return out
+
+
 def _check_content(run_dir: Path, found: dict[str, Any], restart: bool) -> bool:
     """Whether every candidate must be redone: the inputs' content differs from the sweep's record."""
     path = run_dir / RECORD
@@ -232,6 +254,8 @@ def run(cfg: SweepConfig, *, progress: bool = True) -> Path:
         raise ConfigError(problems)
     run_dir = Path(cfg.run_dir)
     points = candidates(cfg)
+    if problems := int8_problems(cfg, points):
+        raise ConfigError(problems)
     data = recipe(cfg, points)
     path = run_dir / RECIPE
     parsed = runner.parse_recipe(path, data)  # every stage config validated, all problems at once
