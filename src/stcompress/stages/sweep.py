@@ -216,6 +216,7 @@ def int8_problems(cfg: SweepConfig, points: list[Point]) -> list[str]:
 
     out: list[str] = []
     configs: dict[str, Any] = {}
+    found: dict[tuple[str, int, str], list[str]] = {}  # layer counts share shapes: one meta model per input, rows, bits
     for p in points:
         if p.quantize != "int8":
             continue
@@ -226,8 +227,11 @@ def int8_problems(cfg: SweepConfig, points: list[Point]) -> list[str]:
         rows = arch.text_config(config).vocab_size
         if p.trim:  # the trimmed rows are a multiple of vocab_trim.ROW_MULTIPLE
             rows = -(-rows // vocab_trim.ROW_MULTIPLE) * vocab_trim.ROW_MULTIPLE
-        chosen = quantize.component_bits("int8", p.bits, ExportConfig().keep_unquantized)
-        out += [f"candidate {p.name}: {problem}" for problem in quantize.int8_problems("int8", chosen, config, vocab_size=rows)]
+        key = (p.path, rows, p.bits)
+        if key not in found:
+            chosen = quantize.component_bits("int8", p.bits, ExportConfig().keep_unquantized)
+            found[key] = quantize.int8_problems("int8", chosen, config, vocab_size=rows)
+        out += [f"candidate {p.name}: {problem}" for problem in found[key]]
     return out
 
 
